@@ -1,0 +1,30 @@
+"""Configs of the offline preprocessing (issue 5) and of the training loader (issue 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaletrain.config_base import require
+
+
+@dataclass
+class PreprocessConfig:
+    """How raw image-caption shards become latent shards."""
+
+    resolution: int = 1024
+
+    def __post_init__(self) -> None:
+        require(self.resolution % 64 == 0, "resolution", "must be a multiple of 64")
+
+
+@dataclass
+class DataConfig:
+    """The training loader over latent shards."""
+
+    path: str = ""
+    batch_size: int = 8
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")

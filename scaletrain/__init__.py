@@ -1,0 +1,3 @@
+"""scaletrain: distributed training of text-to-image diffusion models."""
+
+__version__ = "0.1.0"

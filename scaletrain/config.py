@@ -1,0 +1,76 @@
+"""The root configuration: one section per component, each declared beside its code.
+
+`load_config(path, overrides)` reads a YAML preset (with its ``base:`` files), applies dotted
+overrides, and validates everything eagerly. Components receive only their own section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.config import DataConfig, PreprocessConfig
+from launch.config import SlurmConfig
+from scaletrain.config_base import (
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    require,
+)
+from scaletrain.diffusion.config import DiffusionConfig
+from scaletrain.models.config import MMDiTConfig, UNetConfig
+from scaletrain.train.config import (
+    CheckpointConfig,
+    EMAConfig,
+    LoggingConfig,
+    TrainConfig,
+    ValidationConfig,
+)
+
+ModelConfig = UNetConfig | MMDiTConfig
+
+__all__ = ["RootConfig", "ModelConfig", "ConfigError", "load_config", "save_config"]
+
+
+@dataclass
+class RootConfig:
+    """Everything a run needs. Sections map one to one onto components."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RootConfig:
+    """Load ``path`` (or the defaults when None), apply overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(RootConfig, data)
+
+
+def config_from_dict(data: dict) -> RootConfig:
+    return from_dict(RootConfig, data)
+
+
+def save_config(cfg: RootConfig, run_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run directory (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / name
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_yaml(cfg), encoding="utf-8")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,49 @@
+"""Logging, set up in one place and rank-aware.
+
+Only rank 0 logs INFO by default; other ranks log WARNING and above unless ``all_ranks``
+(or SCALETRAIN_LOG_ALL_RANKS=1). The rank comes from the launcher's environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_FORMAT = "%(asctime)s [%(levelname)s] [rank %(rank)s] %(name)s: %(message)s"
+
+
+def env_rank() -> int:
+    """This process's global rank from torchrun/DeepSpeed (RANK) or SLURM (SLURM_PROCID)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool = False) -> None:
+    """Configure the root logger once for this process."""
+    rank = env_rank() if rank is None else rank
+    all_ranks = all_ranks or os.environ.get("SCALETRAIN_LOG_ALL_RANKS") == "1"
+    effective = level if (rank == 0 or all_ranks) else "WARNING"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_RankFilter(rank))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(effective)
+    # Third-party libraries are noisy at INFO; keep them at WARNING.
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "PIL", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
