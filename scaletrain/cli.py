@@ -26,7 +26,7 @@ class Subcommand:
 
 
 SUBCOMMANDS = [
-    Subcommand("preprocess", "data_pipeline.preprocess_cli", "encode raw image-caption shards into latent shards"),
+    Subcommand("preprocess", "data_pipeline.preprocess.cli", "encode raw image-caption shards into latent shards"),
     Subcommand("train", "scaletrain.train.cli", "train a model (N local processes, DeepSpeed ZeRO)"),
     Subcommand("submit", "launch.submit", "submit training (or preprocessing) to SLURM via submitit"),
     Subcommand("export", "scaletrain.export", "export EMA or raw weights of a checkpoint"),

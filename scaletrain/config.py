@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.config import DataConfig, PreprocessConfig
+from data_pipeline.loader.config import DataConfig
+from data_pipeline.preprocess.config import PreprocessConfig
 from launch.config import SlurmConfig
 from scaletrain.config_base import (
     ConfigError,

@@ -1,20 +1,10 @@
-"""Configs of the offline preprocessing (issue 5) and of the training loader (issue 6)."""
+"""Config of the training loader over latent shards (issue 6)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from scaletrain.config_base import require
-
-
-@dataclass
-class PreprocessConfig:
-    """How raw image-caption shards become latent shards."""
-
-    resolution: int = 1024
-
-    def __post_init__(self) -> None:
-        require(self.resolution % 64 == 0, "resolution", "must be a multiple of 64")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The training loader over latent shards."""

@@ -1,0 +1,1 @@
+"""Offline preprocessing: raw image-caption shards -> latent shards."""
