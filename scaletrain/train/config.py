@@ -1,4 +1,4 @@
-"""Configs of the training engine (issue 7): optimisation, EMA, checkpoints, logging, validation."""
+"""Configs of the training engine (issue 7): optimisation, EMA, checkpoints."""
 
 from __future__ import annotations
 
@@ -36,21 +36,3 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         require(self.every > 0, "every", f"must be > 0, got {self.every}")
         require(self.keep_last > 0, "keep_last", f"must be > 0, got {self.keep_last}")
-
-
-@dataclass
-class LoggingConfig:
-    every: int = 10
-    wandb: bool = True
-    wandb_project: str = "scaletrain"
-
-    def __post_init__(self) -> None:
-        require(self.every > 0, "every", f"must be > 0, got {self.every}")
-
-
-@dataclass
-class ValidationConfig:
-    every: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.every >= 0, "every", f"must be >= 0, got {self.every}")

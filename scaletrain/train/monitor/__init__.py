@@ -1,0 +1,1 @@
+"""Training-time monitoring: metrics, wandb, throughput/MFU, diagnostics, validation."""
