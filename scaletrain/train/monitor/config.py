@@ -22,18 +22,22 @@ class LoggingConfig:
     # later. Clusters with internet set "online". The WANDB_MODE environment variable, when
     # set, wins over this field (the usual switch on compute nodes without internet).
     wandb_mode: WandbMode = "offline"
+    # wandb project the run is logged to.
     wandb_project: str = "scaletrain"
+    # wandb team or user; None uses the logged-in user's default entity.
     wandb_entity: str | None = None
     # Display name of the wandb run; None uses the run directory's name.
     run_name: str | None = None
+    # Tags attached to the wandb run.
     wandb_tags: list[str] = field(default_factory=list)
     # Peak dense bf16 TFLOP/s of one device, for MFU. None looks the device name up in
     # scaletrain.train.monitor.throughput.PEAK_TFLOPS (CUDA) or reports no MFU (CPU).
     peak_tflops: float | None = None
     # Number of equal-width buckets of the normalised timestep t in [0, 1] for loss_t/*.
     loss_buckets: int = 10
-    # Collect model stability diagnostics every N steps (0: never). Collection costs an
-    # extra hook pass, so keep it a multiple of `every` or sparser.
+    # Collect the model's stability diagnostics (skip ratios per U-Net level, residual
+    # update norms and the largest attention logit of MMDiT blocks) every N steps; 0: never.
+    # They cost extra reductions in forward and backward, so keep this sparse.
     diagnostics_every: int = 0
 
     def __post_init__(self) -> None:
@@ -64,13 +68,15 @@ DEFAULT_PROMPTS = [
 class ValidationConfig:
     """Sample fixed prompts with fixed seeds from the EMA weights every `every` steps."""
 
-    # 0 disables validation sampling.
+    # Validate every N optimizer steps; 0 disables validation sampling.
     every: int = 0
+    # The fixed prompts sampled at each validation; one image each.
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     # One seed per prompt; empty means seeds 0..len(prompts)-1.
     seeds: list[int] = field(default_factory=list)
-    # Sampler name and number of steps, passed to scaletrain.diffusion.build_sampler.
+    # Sampler name, passed to scaletrain.diffusion.build_sampler.
     sampler: str = "euler"
+    # Number of sampler steps (denoising network evaluations without guidance).
     steps: int = 25
     # Classifier-free guidance scale; 1.0 samples the conditional model alone (no uncond pass).
     guidance_scale: float = 4.0

@@ -1,0 +1,379 @@
+"""Per-rank memory of ZeRO stages 0-3 with 2 ranks, measured in DeepSpeed, next to the formula.
+
+Mixed-precision Adam holds, per parameter (ZeRO paper, Rajbhandari et al. 2020, §3.1):
+2 bytes of bf16 weights, 2 of bf16 gradients and 12 of fp32 optimizer state (master weights,
+Adam m and v). Over N data-parallel ranks, stage 1 shards the 12, stage 2 also the
+gradients, stage 3 also the weights. Our sharded fp32 EMA adds 4/N bytes in every stage:
+
+    stage 0: 2 + 2 + 12     + 4/N        stage 2: 2 + (2 + 12)/N + 4/N
+    stage 1: 2 + 2 + 12/N   + 4/N        stage 3: (2 + 2 + 12)/N + 4/N
+
+What is measured, on each rank, at the moment the formula describes (after backward, before
+the optimizer step, in the second step so that Adam's state exists): the bytes of every
+distinct tensor storage the DeepSpeed engine holds, attributed by where it hangs:
+
+* weights: the module's parameters (under ZeRO-3 their partitions, ``param.ds_tensor``);
+* grads: the parameters' ``.grad`` and the gradient partitions the ZeRO optimizer keeps
+  (its attributes whose name mentions "grad");
+* fp32 state: the fp32 master partitions the inner torch optimizer steps, and its state
+  (exp_avg, exp_avg_sq);
+* EMA: this rank's fp32 EMA shard (1/N of the flattened parameters);
+* buffers: every other live tensor (communication buckets, the batch, activations kept).
+
+The formula is compared with weights + grads + fp32 state + EMA ("model states"); buffers
+are shown beside it, as is the peak RSS growth of the process from before the model was
+built (which also counts allocator slack and the transient fp32 gradients of the step).
+Model: a stack of ``depth`` bias-free Linear(width, width) layers, built in bf16 (inside
+``deepspeed.zero.Init`` for stage 3, so no rank ever holds the full weights).
+
+Run:  PYTHONPATH=. python benchmarks/bench_zero_memory.py [--width 2048 --depth 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CATEGORIES = ("weights", "grads", "fp32_state", "ema")
+MiB = 2**20
+
+
+def formula_bytes_per_param(stage: int, world: int) -> dict[str, float]:
+    """Bytes per parameter each rank holds, by category (see the module docstring)."""
+    return {
+        "weights": 2.0 / world if stage >= 3 else 2.0,
+        "grads": 2.0 / world if stage >= 2 else 2.0,
+        "fp32_state": 12.0 / world if stage >= 1 else 12.0,
+        "ema": 4.0 / world,
+    }
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _ds_config(stage: int, bucket_elements: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "bf16": {"enabled": True},
+        "zero_optimization": {
+            "stage": stage,
+            # Communication buckets default to 5e8 elements (1 GB of bf16), made for
+            # billion-parameter models; sized to the model here so that they do not swamp a
+            # 34M-parameter benchmark. They are reported as buffers, outside the formula.
+            "reduce_bucket_size": bucket_elements,
+            "allgather_bucket_size": bucket_elements,
+            "stage3_prefetch_bucket_size": bucket_elements,
+            "stage3_param_persistence_threshold": 0,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Ledger:
+    """Distinct tensor storages, each counted once, in the first category that claims it."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.seen: set[int] = set()
+        self.bytes = dict.fromkeys((*CATEGORIES, "buffers"), 0)
+
+    def add(self, category: str, tensor) -> None:
+        if tensor is None or not self.torch.is_tensor(tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.seen:
+            return
+        self.seen.add(key)
+        self.bytes[category] += storage.nbytes()
+
+    def add_nested(self, category: str, obj, depth: int = 0) -> None:
+        if depth > 3:
+            return
+        if self.torch.is_tensor(obj):
+            self.add(category, obj)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                self.add_nested(category, value, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                self.add_nested(category, value, depth + 1)
+
+
+def _measure(engine, ema_shard) -> dict[str, int]:
+    ledger = _Ledger()
+    params = list(engine.module.parameters())
+    zero_opt = engine.optimizer
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    for p in params:
+        ledger.add("weights", p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
+    # Gradients: on the parameters, on the fp32 master partitions, and the partitions and
+    # flat buffers the ZeRO optimizer keeps under names that say "grad".
+    for p in params:
+        ledger.add("grads", p.grad)
+    masters = [p for group in inner.param_groups for p in group["params"]]
+    for p in masters:
+        ledger.add("grads", p.grad)
+    for name, value in vars(zero_opt).items():
+        if "grad" in name.lower():
+            ledger.add_nested("grads", value)
+    # fp32 state: the master partitions (in the inner optimizer's groups, and under names
+    # with "fp32"/"master": ZeRO-3 swaps them into the groups only during its step) and
+    # Adam's exp_avg / exp_avg_sq.
+    for p in masters:
+        ledger.add("fp32_state", p)
+    for name, value in vars(zero_opt).items():
+        if "fp32" in name.lower() or "master" in name.lower():
+            ledger.add_nested("fp32_state", value)
+    for state in inner.state.values():
+        ledger.add_nested("fp32_state", state)
+    ledger.add("ema", ema_shard)
+    gc.collect()
+    for obj in gc.get_objects():
+        try:
+            is_tensor = ledger.torch.is_tensor(obj)
+        except Exception:  # noqa: BLE001 - exotic objects in gc lists
+            continue
+        if is_tensor:
+            ledger.add("buffers", obj)
+    return ledger.bytes
+
+
+def _ema_shard(engine, rank: int, world: int):
+    """This rank's fp32 EMA shard: its 1/N slice of the flattened parameters.
+
+    Stand-in for the engine's sharded EMA: the same bytes (fp32, ceil(P/N) elements),
+    initialised from the weights the way an EMA starts.
+    """
+    import torch
+
+    params = list(engine.module.parameters())
+    if all(hasattr(p, "ds_tensor") for p in params):  # ZeRO-3: own partitions already
+        return torch.cat([p.ds_tensor.float().reshape(-1) for p in params])
+    total = sum(p.numel() for p in params)
+    per_rank = -(-total // world)
+    shard = torch.zeros(per_rank, dtype=torch.float32)
+    start, offset = rank * per_rank, 0
+    for p in params:
+        lo, hi = max(start, offset), min(start + per_rank, offset + p.numel())
+        if lo < hi:
+            shard[lo - start : hi - start] = p.detach().reshape(-1)[lo - offset : hi - offset].float()
+        offset += p.numel()
+    return shard
+
+
+def run_worker(stage: int, width: int, depth: int, out_path: Path) -> None:
+    import deepspeed
+    import torch
+    from torch import nn
+
+    from launch.env import dist_env_from_environ
+
+    torch.set_num_threads(1)
+    env = dist_env_from_environ()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    config = _ds_config(stage, bucket_elements=width * width)
+
+    def build(width, depth):
+        def layers():
+            return [nn.Linear(width, width, bias=False, dtype=torch.bfloat16) for _ in range(depth)]
+
+        if stage == 3:  # partitioned as each layer is built
+            with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
+                return nn.Sequential(*layers())
+        return nn.Sequential(*layers())
+
+    # A throw-away engine on a tiny model first: deepspeed.initialize imports torch._dynamo
+    # and friends (~200 MB of RSS), which would otherwise count as this stage's memory.
+    tiny = build(8, 1)
+    deepspeed.initialize(model=tiny, model_parameters=tiny.parameters(), config=config)
+    del tiny
+    gc.collect()
+    rss_before = _rss_bytes()
+
+    model = build(width, depth)
+    num_params = depth * width * width
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    del model
+    generator = torch.Generator().manual_seed(env.rank)
+
+    def forward_backward():
+        x = torch.randn(4, width, generator=generator).to(torch.bfloat16)
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+
+    forward_backward()
+    engine.step()  # the first step creates Adam's state
+    ema = _ema_shard(engine, env.rank, env.world_size)
+
+    # Two snapshots of the second step; the larger is the step's peak of model states.
+    # (1) Backward has produced the gradients but DeepSpeed has not reduced them yet: the
+    # moment stages 0 and 1 hold full gradients (stage 2/3 reduce during backward). The
+    # engine calls this private hook from backward(); wrapping it is for measurement only.
+    snapshots = []
+    epilogue = engine._backward_epilogue
+
+    def measured_epilogue():
+        snapshots.append(_measure(engine, ema))
+        epilogue()
+
+    engine._backward_epilogue = measured_epilogue
+    forward_backward()
+    engine._backward_epilogue = epilogue
+    # (2) After backward, before the optimizer step.
+    snapshots.append(_measure(engine, ema))
+    held = max(snapshots, key=lambda b: sum(b[c] for c in CATEGORIES))
+    engine.step()
+    result = {
+        "rank": env.rank,
+        "world": env.world_size,
+        "stage": stage,
+        "params": num_params,
+        "held": held,
+        "rss_before": rss_before,
+        "peak_rss": _peak_rss_bytes(),
+    }
+    out_path.write_text(json.dumps(result), encoding="utf-8")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage(stage: int, world: int, width: int, depth: int, timeout: float) -> list[dict]:
+    """Launch ``world`` worker processes for one stage; return their results by rank."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for rank in range(world):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                OMP_NUM_THREADS="1",
+            )
+            cmd = [
+                sys.executable, str(Path(__file__).resolve()), "--worker",
+                "--stage", str(stage), "--width", str(width), "--depth", str(depth),
+                "--out", str(Path(tmp) / f"rank{rank}.json"),
+            ]
+            log = open(Path(tmp) / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+            procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        failed = []
+        for rank, (proc, log) in enumerate(procs):
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = "timeout"
+            log.close()
+            if code != 0:
+                failed.append((rank, code))
+        if failed:
+            tails = "\n".join(
+                f"--- rank {r} (exit {c}):\n"
+                + (Path(tmp) / f"rank{r}.log").read_text()[-3000:]
+                for r, c in failed
+            )
+            raise RuntimeError(f"ZeRO stage {stage} workers failed:\n{tails}")
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _table(results: dict[int, list[dict]], world: int) -> str:
+    lines = [
+        "| ZeRO stage | formula (B/param) | formula MiB | measured model states MiB "
+        "(w + g + fp32 + EMA) | measured/formula | buffers MiB | peak RSS growth MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage, ranks in sorted(results.items()):
+        per_param = formula_bytes_per_param(stage, world)
+        for r in ranks:
+            params = r["params"]
+            formula = sum(per_param.values()) * params
+            held = r["held"]
+            measured = sum(held[c] for c in CATEGORIES)
+            parts = " + ".join(f"{held[c] / MiB:.1f}" for c in CATEGORIES)
+            lines.append(
+                f"| {stage} (rank {r['rank']}) | {sum(per_param.values()):.1f} | "
+                f"{formula / MiB:.1f} | {measured / MiB:.1f} ({parts}) | "
+                f"{measured / formula:.3f} | {held['buffers'] / MiB:.1f} | "
+                f"{(r['peak_rss'] - r['rss_before']) / MiB:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args.stage, args.width, args.depth, args.out)
+        return 0
+
+    results = {s: run_stage(s, args.world, args.width, args.depth, args.timeout) for s in args.stages}
+    table = _table(results, args.world)
+    print(table)
+    if not args.no_write:
+        from benchmarks.report import machine_description, write_section
+
+        params = args.depth * args.width * args.width
+        command = "PYTHONPATH=. python benchmarks/bench_zero_memory.py " + " ".join(
+            (argv if argv is not None else sys.argv[1:])
+        )
+        write_section("zero_memory", f"## ZeRO memory per rank\n\n{table}\n\n`{command.strip()}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
