@@ -1,0 +1,57 @@
+"""Tiny model configs and inputs shared by the model tests (all CPU, all fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaletrain.models import MMDiTConfig, UNetConfig
+
+
+def tiny_mmdit_config(**overrides) -> MMDiTConfig:
+    base = dict(
+        depth=3,
+        num_heads=2,
+        head_dim=16,
+        in_channels=4,
+        sample_size=16,
+        pos_embed_max_size=24,
+        joint_attention_dim=24,
+        pooled_projection_dim=20,
+        text_seq_len=5,
+    )
+    return MMDiTConfig(**{**base, **overrides})
+
+
+def tiny_unet_config(**overrides) -> UNetConfig:
+    base = dict(
+        in_channels=4,
+        sample_size=16,
+        block_out_channels=[16, 32, 32],
+        layers_per_block=1,
+        transformer_layers_per_block=[0, 1, 2],
+        attention_head_dim=16,
+        cross_attention_dim=24,
+        pooled_projection_dim=20,
+        addition_time_embed_dim=8,
+        norm_num_groups=8,
+        text_seq_len=5,
+    )
+    return UNetConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+def mmdit_cfg():
+    """Factory: ``mmdit_cfg(**overrides)`` -> a tiny MMDiTConfig."""
+    return tiny_mmdit_config
+
+
+@pytest.fixture
+def unet_cfg():
+    """Factory: ``unet_cfg(**overrides)`` -> a tiny UNetConfig (3 levels, no attention at 0)."""
+    return tiny_unet_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
