@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.models.embeddings import PatchEmbed
 
 from scaletrain.models import build_model
 from scaletrain.models.inputs import example_inputs
@@ -32,8 +34,6 @@ def _inputs(cfg, batch=2, height=None, width=None):
 
 
 def _diffusers_sd3(cfg, qk_norm):
-    from diffusers import SD3Transformer2DModel
-
     return SD3Transformer2DModel(
         sample_size=cfg.sample_size,
         patch_size=cfg.patch_size,
@@ -67,8 +67,6 @@ def test_loads_diffusers_weights_by_name_and_matches_its_output(mmdit_cfg, qk_no
 
 
 def test_positions_equal_sd3_cropped_table():
-    from diffusers.models.embeddings import PatchEmbed
-
     ref = PatchEmbed(height=64, width=64, patch_size=2, in_channels=4, embed_dim=64, pos_embed_max_size=48)
     expected = ref.cropped_pos_embed(40, 56)[0]  # in latent pixels: a 20x28 grid
     got = sincos_2d_cropped(64, 20, 28, max_size=48, base_size=32)

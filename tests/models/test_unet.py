@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from scaletrain.models import build_model
 from scaletrain.models.inputs import example_inputs
@@ -22,9 +23,6 @@ def _inputs(cfg, batch=2, seed=5):
 
 
 def _diffusers_unet(cfg):
-    from diffusers import UNet2DConditionModel
-
-    levels = len(cfg.block_out_channels)
     depths = cfg.transformer_layers_per_block
     down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths]
     up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)]
@@ -47,14 +45,13 @@ def _diffusers_unet(cfg):
         projection_class_embeddings_input_dim=cfg.pooled_projection_dim
         + 6 * cfg.addition_time_embed_dim,
         resnet_time_scale_shift="default" if cfg.time_conditioning == "additive" else "scale_shift",
-    ), levels
+    )
 
 
 @pytest.mark.parametrize("time_conditioning", ["additive", "scale_shift"])
 def test_loads_diffusers_weights_by_name_and_matches_its_output(unet_cfg, time_conditioning):
     cfg = unet_cfg(time_conditioning=time_conditioning)
-    ref, _ = _diffusers_unet(cfg)
-    ref.eval()
+    ref = _diffusers_unet(cfg).eval()
     ours = build_model(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)  # identical names: export is a copy
     inputs = _inputs(cfg)
@@ -145,8 +142,6 @@ def test_zero_init_makes_every_residual_branch_start_at_zero(unet_cfg):
 
 
 def test_log_snr_matches_diffusers_scaled_linear_schedule():
-    from diffusers import DDPMScheduler
-
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     abar = sched.alphas_cumprod.double()
     expected = torch.log(abar / (1 - abar))
