@@ -64,3 +64,57 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# diffusers' config of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json).
+_SDXL_BASE = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    center_input_sample=False,
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    resnet_time_scale_shift="default",
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+
+# diffusers' config of stabilityai/stable-diffusion-3-medium-diffusers (transformer/config.json).
+_SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+
+
+@pytest.fixture
+def sdxl_base_config() -> dict:
+    return dict(_SDXL_BASE)
+
+
+@pytest.fixture
+def sd3_medium_config() -> dict:
+    return dict(_SD3_MEDIUM)

@@ -10,6 +10,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import PatchEmbed
 
 from scaletrain.models import build_model
+from scaletrain.models.diffusers_compat import diffusers_config
 from scaletrain.models.inputs import example_inputs
 from scaletrain.models.layers import (
     Attention,
@@ -33,27 +34,14 @@ def _inputs(cfg, batch=2, height=None, width=None):
     )
 
 
-def _diffusers_sd3(cfg, qk_norm):
-    return SD3Transformer2DModel(
-        sample_size=cfg.sample_size,
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        num_layers=cfg.depth,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.heads,
-        joint_attention_dim=cfg.joint_attention_dim,
-        caption_projection_dim=cfg.hidden_size,
-        pooled_projection_dim=cfg.pooled_projection_dim,
-        out_channels=cfg.in_channels,
-        pos_embed_max_size=cfg.pos_embed_max_size,
-        qk_norm="rms_norm" if qk_norm else None,
-    )
+def _diffusers_sd3(cfg):
+    return SD3Transformer2DModel(**diffusers_config(cfg))
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_loads_diffusers_weights_by_name_and_matches_its_output(mmdit_cfg, qk_norm):
     cfg = mmdit_cfg(qk_norm=qk_norm, adaln_zero=False)
-    ref = _diffusers_sd3(cfg, qk_norm).eval()
+    ref = _diffusers_sd3(cfg).eval()
     ours = build_model(cfg).eval()
     state = {k: v for k, v in ref.state_dict().items() if k != "pos_embed.pos_embed"}
     ours.load_state_dict(state, strict=True)  # identical names: export is a key-for-key copy

@@ -13,50 +13,6 @@ from scaletrain.models import build_model, count_parameters
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
-# diffusers' config of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json).
-SDXL_BASE = dict(
-    act_fn="silu",
-    addition_embed_type="text_time",
-    addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20],
-    block_out_channels=[320, 640, 1280],
-    center_input_sample=False,
-    cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    out_channels=4,
-    projection_class_embeddings_input_dim=2816,
-    resnet_time_scale_shift="default",
-    sample_size=128,
-    transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    use_linear_projection=True,
-)
-
-# diffusers' config of stabilityai/stable-diffusion-3-medium-diffusers (transformer/config.json).
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
-
-
 def _preset(name: str, *overrides: str):
     return load_config(PRESETS / f"{name}.yaml", list(overrides)).model
 
@@ -70,24 +26,24 @@ def _shapes(model, skip=()):
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
 
 
-def test_sdxl_preset_equals_diffusers_sdxl_base():
+def test_sdxl_preset_equals_diffusers_sdxl_base(sdxl_base_config):
     ours = build_model(_preset("sdxl_unet"), device="meta")
-    ref = _on_meta(UNet2DConditionModel, **SDXL_BASE)
+    ref = _on_meta(UNet2DConditionModel, **sdxl_base_config)
     assert count_parameters(ours) == count_parameters(ref) == 2_567_463_684
     assert _shapes(ours) == _shapes(ref)  # same names, same shapes: export is a key copy
 
 
-def test_sdxl_with_adagn_equals_diffusers_scale_shift():
+def test_sdxl_with_adagn_equals_diffusers_scale_shift(sdxl_base_config):
     ours = build_model(_preset("sdxl_unet", "model.time_conditioning=scale_shift"), device="meta")
-    ref = _on_meta(UNet2DConditionModel, **{**SDXL_BASE, "resnet_time_scale_shift": "scale_shift"})
+    ref = _on_meta(UNet2DConditionModel, **{**sdxl_base_config, "resnet_time_scale_shift": "scale_shift"})
     assert count_parameters(ours) == count_parameters(ref)
     assert _shapes(ours) == _shapes(ref)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_mmdit_2b_preset_equals_diffusers_sd3_medium(qk_norm):
+def test_mmdit_2b_preset_equals_diffusers_sd3_medium(sd3_medium_config, qk_norm):
     ours = build_model(_preset("mmdit_2b", f"model.qk_norm={str(qk_norm).lower()}"), device="meta")
-    ref = _on_meta(SD3Transformer2DModel, **SD3_MEDIUM, qk_norm="rms_norm" if qk_norm else None)
+    ref = _on_meta(SD3Transformer2DModel, **sd3_medium_config, qk_norm="rms_norm" if qk_norm else None)
     assert count_parameters(ours) == count_parameters(ref)
     if not qk_norm:  # the released SD3-medium (SD3.5 adds RMS QK-norm)
         assert count_parameters(ours) == 2_028_328_000

@@ -10,6 +10,7 @@ import torch.nn as nn
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from scaletrain.models import build_model
+from scaletrain.models.diffusers_compat import diffusers_config
 from scaletrain.models.inputs import example_inputs
 from scaletrain.models.layers import time_condition
 from scaletrain.models.noise_schedule import log_snr_at, scaled_linear_log_snr_table
@@ -23,29 +24,7 @@ def _inputs(cfg, batch=2, seed=5):
 
 
 def _diffusers_unet(cfg):
-    depths = cfg.transformer_layers_per_block
-    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths]
-    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)]
-    return UNet2DConditionModel(
-        sample_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels,
-        down_block_types=down,
-        up_block_types=up,
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        transformer_layers_per_block=depths,
-        # diffusers' SDXL config calls the number of heads "attention_head_dim".
-        attention_head_dim=[max(1, c // cfg.attention_head_dim) for c in cfg.block_out_channels],
-        cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=cfg.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=cfg.pooled_projection_dim
-        + 6 * cfg.addition_time_embed_dim,
-        resnet_time_scale_shift="default" if cfg.time_conditioning == "additive" else "scale_shift",
-    )
+    return UNet2DConditionModel(**diffusers_config(cfg))
 
 
 @pytest.mark.parametrize("time_conditioning", ["additive", "scale_shift"])
