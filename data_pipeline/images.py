@@ -33,9 +33,10 @@ class SkipSample(Exception):
 
 
 def set_pixel_limit(max_pixels: int) -> None:
-    """Make PIL's own decompression-bomb check use our limit (it warns above the limit and
-    raises above twice it; :func:`decode_image` turns both into a skip). PIL reads a global,
-    so call this once per decoding process."""
+    """Align PIL's own decompression-bomb check with our limit. PIL warns above its limit
+    (ignored: :func:`decode_image` checks ``max_pixels`` itself, with a clearer message) and
+    raises above twice it, inside ``Image.open``: a backstop, also turned into a skip. PIL
+    reads a global, so call this once per decoding process."""
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
@@ -49,8 +50,8 @@ def decode_image(data: bytes, max_pixels: int, exif_transpose: bool = True) -> I
     if len(data) == 0:
         raise SkipSample("empty_file", "image file is empty (0 bytes)")
     with warnings.catch_warnings():
-        # PIL warns (and does not raise) between MAX_IMAGE_PIXELS and twice it.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # PIL warns between MAX_IMAGE_PIXELS and twice it; our own check below decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
@@ -63,7 +64,7 @@ def decode_image(data: bytes, max_pixels: int, exif_transpose: bool = True) -> I
             img.load()
         except SkipSample:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             raise SkipSample("decompression_bomb", f"decompression bomb: {exc}") from None
         except UnidentifiedImageError:
             raise SkipSample(

@@ -81,7 +81,7 @@ def draw_shape(
     elif shape == "star":
         pts = []
         for i, a in enumerate(_angles(10, -math.pi / 2)):
-            radius = r if i % 2 == 0 else r * 0.45
+            radius = r if i % 2 == 0 else r * 0.5
             pts.append((cx + radius * math.cos(a), cy + radius * math.sin(a)))
         draw.polygon(pts, fill=colour)
     else:
@@ -98,8 +98,8 @@ def sample_spec(seed: int, shard: int, index: int) -> dict:
     rng = np.random.default_rng([seed, shard, index])
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    scale = float(rng.uniform(0.45, 0.75))
-    margin = scale / 2 + 0.02
+    scale = float(rng.uniform(0.55, 0.85))
+    margin = scale / 2 + 0.01
     center = (float(rng.uniform(margin, 1 - margin)), float(rng.uniform(margin, 1 - margin)))
     return {"colour": colour, "shape": shape, "scale": scale, "center": center}
 

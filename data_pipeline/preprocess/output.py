@@ -219,8 +219,8 @@ def finalize_index(output_dir: str | Path) -> dict[str, Any]:
             ledger_lines.extend(line for line in ledger.read_text("utf-8").splitlines() if line)
     for fpath in sorted(out_dir.glob(f"*{sf.FAILED_SUFFIX}")):
         info = sf.read_json(fpath)
-        if info["shard"] in done:
-            continue
+        if info["shard"] in done or (planned and info["shard"] not in planned):
+            continue  # since completed, or no longer an input of this output
         failed.append({"shard": info["shard"], "reason": info["reason"]})
         ledger_lines.append(
             json.dumps(
