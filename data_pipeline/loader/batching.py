@@ -40,8 +40,14 @@ class SampleSchema:
     pooled_dim: int
     t5_dim: int | None
 
-    def check(self, key: str, mean: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor,
-              t5: torch.Tensor | None) -> None:
+    def check(
+        self,
+        key: str,
+        mean: torch.Tensor,
+        hidden: torch.Tensor,
+        pooled: torch.Tensor,
+        t5: torch.Tensor | None,
+    ) -> None:
         got = SampleSchema(
             mean.shape[0], hidden.shape[1], pooled.shape[0], None if t5 is None else t5.shape[1]
         )

@@ -45,7 +45,13 @@ def slot_of(rank: int, worker: int, world_size: int) -> int:
 
 
 def shards_for_slot(
-    seed: int, epoch: int, num_shards: int, world_size: int, num_workers: int, rank: int, worker: int
+    seed: int,
+    epoch: int,
+    num_shards: int,
+    world_size: int,
+    num_workers: int,
+    rank: int,
+    worker: int,
 ) -> list[int]:
     """The shard ids (in reading order) of one worker of one rank in one epoch."""
     slots = num_slots(world_size, num_workers)

@@ -40,7 +40,8 @@ class EpochRecord:
         return {
             "done": sorted(self.done),
             "partial": {
-                str(sid): [sizes[sid], format(mask, "x")] for sid, mask in sorted(self.partial.items())
+                str(sid): [sizes[sid], format(mask, "x")]
+                for sid, mask in sorted(self.partial.items())
             },
         }
 
@@ -91,7 +92,9 @@ def _decode_epochs(
 def check_compatible(state: dict[str, Any], seed: int, num_shards: int, digest: str) -> None:
     """Refuse a state taken on another dataset or with another seed (exactly-once would break)."""
     if state.get("format") != STATE_FORMAT:
-        raise StateError(f"not a loader state (format {state.get('format')!r}, want {STATE_FORMAT})")
+        raise StateError(
+            f"not a loader state (format {state.get('format')!r}, want {STATE_FORMAT})"
+        )
     if state["digest"] != digest or state["num_shards"] != num_shards:
         raise StateError(
             f"the loader state was saved on another shard list ({state['num_shards']} shards, "
@@ -200,9 +203,7 @@ class RankProgress:
             "num_workers": self.num_workers,
             "rank": self.rank,
             "floor": self.floor,
-            "epochs": {
-                str(e): r.to_json(self.sizes) for e, r in sorted(self.epochs.items())
-            },
+            "epochs": {str(e): r.to_json(self.sizes) for e, r in sorted(self.epochs.items())},
         }
 
     def load(self, state: dict[str, Any]) -> None:

@@ -105,7 +105,9 @@ def read_shard_shuffled(
         buffer[j], buffer[-1] = buffer[-1], buffer[j]
         yield buffer.pop()
     if extra:
-        logger.warning("%s: %d samples beyond the index's count of %d ignored", path, extra, expected)
+        logger.warning(
+            "%s: %d samples beyond the index's count of %d ignored", path, extra, expected
+        )
     if delivered < expected:
         reason = failure or f"the tar holds {delivered} samples, the index says {expected}"
         yield ShardFailure(unread=list(range(delivered, expected)), reason=reason)

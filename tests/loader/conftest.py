@@ -67,9 +67,11 @@ def write_latent_dataset(
                 key = f"s{shard:03d}-{i:04d}"
                 h, w = buckets[rng.randrange(len(buckets))]
                 mean = torch.randn(channels, h // 8, w // 8, generator=gen).to(dtype)
-                std = torch.zeros_like(mean) if zero_std else (
-                    0.1 + torch.rand(channels, h // 8, w // 8, generator=gen)
-                ).to(dtype)
+                std = (
+                    torch.zeros_like(mean)
+                    if zero_std
+                    else (0.1 + torch.rand(channels, h // 8, w // 8, generator=gen)).to(dtype)
+                )
                 length = rng.randint(3, 9)
                 text = {
                     "hidden_states": torch.randn(length, text_dim, generator=gen).to(dtype),
