@@ -36,6 +36,7 @@ from typing import Any
 
 from launch.env import array_task_from_environ, dist_env_from_environ
 from launch.records import append_job_record
+from scaletrain.log import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,6 @@ class TrainingJob:
         dist = dist_env_from_environ()
         # torch.distributed's env:// rendezvous and DeepSpeed read these.
         os.environ.update(dist.as_torch_env())
-        from scaletrain.log import setup_logging
 
         setup_logging(rank=dist.rank)
         fields = dict(job_id=_job_id(), restart=_restart_count(), world_size=dist.world_size)
@@ -136,13 +136,14 @@ class PreprocessArrayTask:
     """One array task: encode this task's share of the raw shards (done shards are skipped)."""
 
     def __call__(self, preprocess_cfg: Any, inputs: list[str], output_dir: str) -> Any:
-        from data_pipeline.preprocess import preprocess_shards
-        from scaletrain.log import setup_logging
+        from data_pipeline.preprocess.pipeline import preprocess_shards
 
         setup_logging(rank=0)
         rank, world = array_task_from_environ()
         logger.info("array task %d of %d: %d input shards in all", rank, world, len(inputs))
-        return preprocess_shards(preprocess_cfg, inputs, output_dir, rank, world)
+        # The index is written once, by FinalizeIndexJob after every task succeeded.
+        return preprocess_shards(preprocess_cfg, inputs, output_dir, rank, world,
+                                 finalize=False)
 
     def checkpoint(self, preprocess_cfg: Any, inputs: list[str], output_dir: str):
         """Time limit or preemption: run again; finished shards are skipped."""
@@ -157,8 +158,7 @@ class FinalizeIndexJob:
     """Runs after every array task succeeded: write the dataset index over all shards."""
 
     def __call__(self, output_dir: str) -> Any:
-        from data_pipeline.preprocess import finalize_index
-        from scaletrain.log import setup_logging
+        from data_pipeline.preprocess.output import finalize_index
 
         setup_logging(rank=0)
         return finalize_index(output_dir)

@@ -26,7 +26,6 @@ shows exactly what would be submitted.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import re
@@ -314,14 +313,19 @@ def submit_training(cfg: Any, run_dir: str | Path, entry: Any = DEFAULT_TRAIN_EN
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
-    """Expand the --input globs into a sorted, de-duplicated list of absolute paths."""
-    found: set[str] = set()
-    for pattern in patterns:
-        matches = [p for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
-        if not matches:
-            raise SubmitError(f"--input {pattern!r}: no file matches")
-        found.update(str(Path(p).resolve()) for p in matches)
-    return sorted(found)
+    """Expand --input (globs, brace ranges, ``::`` lists) to the shard list every array task
+    shares, with local paths made absolute (tasks may start in another directory)."""
+    from data_pipeline.preprocess.work import expand_inputs
+
+    try:
+        urls = expand_inputs(list(patterns))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SubmitError(f"--input: {exc}") from exc
+    out = []
+    for url in urls:
+        is_local = ":" not in url.split("/", 1)[0]  # no scheme such as pipe: or s3:
+        out.append(str(Path(url).resolve()) if is_local else url)
+    return out
 
 
 def submit_preprocessing(cfg: Any, inputs: list[str], output_dir: str | Path, array_size: int,
@@ -431,7 +435,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _main_train(args: argparse.Namespace, cfg: Any) -> int:
     for flag in ("input", "output", "array_size"):
-        if getattr(args, flag):
+        if getattr(args, flag) is not None:
             raise SubmitError(f"--{flag.replace('_', '-')} is for --preprocess only")
     if not args.run_dir:
         raise SubmitError("--run-dir is required: where checkpoints, logs and records go")
@@ -447,7 +451,7 @@ def _main_train(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _main_preprocess(args: argparse.Namespace, cfg: Any) -> int:
-    missing = [f for f in ("input", "output", "array_size") if not getattr(args, f)]
+    missing = [f for f in ("input", "output", "array_size") if getattr(args, f) is None]
     if missing:
         raise SubmitError("--preprocess needs " + ", ".join(
             "--" + f.replace("_", "-") for f in missing))
