@@ -17,7 +17,7 @@ distinct tensor storage the DeepSpeed engine holds, attributed by where it hangs
   (its attributes whose name mentions "grad");
 * fp32 state: the fp32 master partitions the inner torch optimizer steps, and its state
   (exp_avg, exp_avg_sq);
-* EMA: this rank's fp32 EMA shard (1/N of the flattened parameters);
+* EMA: the shadow tensors of this rank's ``scaletrain.train.ema.ShardedEMA``;
 * buffers: every other live tensor (communication buckets, the batch, activations kept).
 
 The formula is compared with weights + grads + fp32 state + EMA ("model states"); buffers
@@ -129,7 +129,7 @@ class _Ledger:
                 self.add_nested(category, value, depth + 1)
 
 
-def _measure(engine, ema_shard) -> dict[str, int]:
+def _measure(engine, ema) -> dict[str, int]:
     ledger = _Ledger()
     params = list(engine.module.parameters())
     zero_opt = engine.optimizer
@@ -156,7 +156,8 @@ def _measure(engine, ema_shard) -> dict[str, int]:
             ledger.add_nested("fp32_state", value)
     for state in inner.state.values():
         ledger.add_nested("fp32_state", state)
-    ledger.add("ema", ema_shard)
+    for shadow in ema.shadow:
+        ledger.add("ema", shadow)
     gc.collect()
     for obj in gc.get_objects():
         try:
@@ -168,35 +169,16 @@ def _measure(engine, ema_shard) -> dict[str, int]:
     return ledger.bytes
 
 
-def _ema_shard(engine, rank: int, world: int):
-    """This rank's fp32 EMA shard: its 1/N slice of the flattened parameters.
-
-    Stand-in for the engine's sharded EMA: the same bytes (fp32, ceil(P/N) elements),
-    initialised from the weights the way an EMA starts.
-    """
-    import torch
-
-    params = list(engine.module.parameters())
-    if all(hasattr(p, "ds_tensor") for p in params):  # ZeRO-3: own partitions already
-        return torch.cat([p.ds_tensor.float().reshape(-1) for p in params])
-    total = sum(p.numel() for p in params)
-    per_rank = -(-total // world)
-    shard = torch.zeros(per_rank, dtype=torch.float32)
-    start, offset = rank * per_rank, 0
-    for p in params:
-        lo, hi = max(start, offset), min(start + per_rank, offset + p.numel())
-        if lo < hi:
-            shard[lo - start : hi - start] = p.detach().reshape(-1)[lo - offset : hi - offset].float()
-        offset += p.numel()
-    return shard
-
-
 def run_worker(stage: int, width: int, depth: int, out_path: Path) -> None:
-    import deepspeed
     import torch
     from torch import nn
 
     from launch.env import dist_env_from_environ
+    from scaletrain.train.config import EMAConfig
+    from scaletrain.train.ema import ShardedEMA, master_weight_fragments
+    from scaletrain.train.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()  # CPU accelerator, no JIT build of the shm comm op
 
     torch.set_num_threads(1)
     env = dist_env_from_environ()
@@ -235,7 +217,11 @@ def run_worker(stage: int, width: int, depth: int, out_path: Path) -> None:
 
     forward_backward()
     engine.step()  # the first step creates Adam's state
-    ema = _ema_shard(engine, env.rank, env.world_size)
+    # The engine's sharded fp32 EMA: each rank averages only the master values it owns.
+    ema = ShardedEMA(
+        EMAConfig(), master_weight_fragments(engine.module.named_parameters(), env.rank, env.world_size)
+    )
+    ema.update(samples_after=8, batch_samples=8)
 
     # Two snapshots of the second step; the larger is the step's peak of model states.
     # (1) Backward has produced the gradients but DeepSpeed has not reduced them yet: the
@@ -345,6 +331,26 @@ def _table(results: dict[int, list[dict]], world: int) -> str:
     return "\n".join(lines)
 
 
+def _section(table, params, args, command, machine, revision) -> str:
+    return f"""## ZeRO memory per rank (DeepSpeed, {args.world} ranks, bf16, AdamW)
+
+Model: {args.depth} x Linear({args.width}, {args.width}), {params / 1e6:.1f}M parameters.
+Formula per parameter (ZeRO paper, §3.1): bf16 weights 2 + bf16 grads 2 + fp32 master, m, v
+12, divided over N = {args.world} ranks as the stage shards them, plus the sharded fp32 EMA
+4/N. "Measured model states" are the bytes of the distinct tensor storages DeepSpeed holds
+on the rank at the step's peak (gradients produced, before the optimizer step), split as
+weights + grads + fp32 master/Adam + EMA (the engine's `ShardedEMA`). Buffers are every
+other live tensor (communication buckets, sized here to one layer; the batch). Peak RSS
+growth is the process's max RSS minus its RSS before the model was built (it adds allocator
+slack and the fp32 gradient copies that exist only inside `optimizer.step`).
+
+{table}
+
+Command: `{command}`
+Machine: {machine}; revision {revision}.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=2048)
@@ -365,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(results, args.world)
     print(table)
     if not args.no_write:
-        from benchmarks.report import machine_description, write_section
+        from benchmarks.report import git_revision, machine_description, write_section
 
+        shown = argv if argv is not None else sys.argv[1:]
+        command = " ".join(["PYTHONPATH=. python benchmarks/bench_zero_memory.py", *shown])
         params = args.depth * args.width * args.width
-        command = "PYTHONPATH=. python benchmarks/bench_zero_memory.py " + " ".join(
-            (argv if argv is not None else sys.argv[1:])
-        )
-        write_section("zero_memory", f"## ZeRO memory per rank\n\n{table}\n\n`{command.strip()}`")
+        write_section("zero_memory", _section(table, params, args, command, machine_description(),
+                                              git_revision()))
     return 0
 
 

@@ -14,8 +14,14 @@ and the encoders are built (the loop wires them; see ``scaletrain.train`` for th
   Called once (the result is cached), so the text encoder can be freed afterwards.
 * ``sample(model_fn, noise, cond, uncond, generator) -> latents``: runs the sampler from
   ``noise`` (steps, sampler and guidance scale already bound); ``uncond`` is None when
-  guidance is off. ``generator`` drives any noise a stochastic sampler draws on the way.
+  guidance is off. ``generator`` (a CPU generator) drives any noise a stochastic sampler
+  draws on the way.
 * ``decode(latents) -> images`` in [-1, 1], shape [N, 3, H, W].
+* optionally ``make_uncond(cond) -> uncond``: the unconditional branch of classifier-free
+  guidance, built as training's conditioning dropout builds it; without it the empty prompt
+  is encoded.
+
+``validation_wiring.build_validator`` builds these from the real sampler and encoders.
 
 ``model_fn`` (EMA weights) is passed to ``run`` by the loop. Call ``run`` on every rank:
 under ZeRO-3 the EMA weights are sharded and evaluating them may gather collectively.
@@ -74,7 +80,7 @@ class Validator:
         cfg: the ``validation`` config section.
         run_dir: grids go to ``run_dir/validation/step_{N:09d}.png``.
         latent_shape: (C, h, w) of one latent at the sampling resolution.
-        encode_prompts, sample, decode: see the module docstring.
+        encode_prompts, sample, decode, make_uncond: see the module docstring.
         device: where noise and conditioning go before sampling.
         rank: global rank; only rank 0 writes files and logs.
         metrics_logger: a MetricsLogger to log the grid to (wandb and JSONL), or None.
@@ -89,6 +95,7 @@ class Validator:
         encode_prompts: EncodePrompts,
         sample: Sample,
         decode: Decode,
+        make_uncond: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         device: torch.device | str = "cpu",
         rank: int = 0,
         metrics_logger=None,
@@ -103,6 +110,7 @@ class Validator:
         self._encode_prompts: EncodePrompts | None = encode_prompts
         self._sample = sample
         self._decode = decode
+        self._make_uncond = make_uncond
         self._cond: dict[str, Any] | None = None
         self._uncond: dict[str, Any] | None = None
 
@@ -114,10 +122,14 @@ class Validator:
             prompts = list(self.cfg.prompts)
             self._cond = self._encode_prompts(prompts)
             if self.cfg.guidance_scale != 1.0:
-                # The unconditional branch of classifier-free guidance (Ho & Salimans 2022)
-                # is the empty prompt, as in training's conditioning dropout.
-                self._uncond = self._encode_prompts([""] * len(prompts))
-            self._encode_prompts = None  # the encoder is not needed again; let it be freed
+                # The unconditional branch of classifier-free guidance (Ho & Salimans 2022):
+                # what training's conditioning dropout feeds, else the empty prompt.
+                if self._make_uncond is not None:
+                    self._uncond = self._make_uncond(self._cond)
+                else:
+                    self._uncond = self._encode_prompts([""] * len(prompts))
+            # Not needed again: dropping them lets the text encoder be freed.
+            self._encode_prompts = self._make_uncond = None
         return self._cond, self._uncond
 
     @torch.no_grad()
@@ -129,7 +141,8 @@ class Validator:
         bs = self.cfg.batch_size
         for start in range(0, len(self.seeds), bs):
             stop = min(start + bs, len(self.seeds))
-            generator = torch.Generator(device=self.device).manual_seed(self.seeds[start])
+            # CPU generator: the same draws whatever the device (samplers move the noise).
+            generator = torch.Generator().manual_seed(self.seeds[start])
             latents = self._sample(
                 model_fn,
                 noise[start:stop].to(self.device),
