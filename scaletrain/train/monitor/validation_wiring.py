@@ -5,7 +5,8 @@ The loop calls::
     validator = build_validator(
         cfg.validation, cfg.diffusion, cfg.preprocess, cfg.data, run_dir,
         latent_shape=tuple(first_batch["latents"].shape[1:]), rank=rank, device=device,
-        null_cond=loader.empty_conditioning(), metrics_logger=metrics_logger,
+        null_cond=loader.empty_conditioning(), scaling_factor=loader.info.scaling_factor,
+        shift_factor=loader.info.shift_factor, metrics_logger=metrics_logger,
     )
     ...
     if validator.should_run(step):
@@ -62,12 +63,16 @@ def build_validator(
     rank: int = 0,
     device: torch.device | str = "cpu",
     null_cond: dict[str, torch.Tensor] | None = None,
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
     metrics_logger=None,
 ) -> Validator:
     """A Validator sampling with ``cfg``'s sampler and decoding with the shards' encoder.
 
     ``null_cond`` is the empty prompt in the batch layout (``loader.empty_conditioning()``),
     needed when ``diffusion.cfg_null`` is "empty_prompt"; if absent, it is encoded here.
+    ``scaling_factor``/``shift_factor`` are the ones the loader scaled latents with (the
+    dataset index's, ``loader.info``); None takes the image encoder's.
     """
     from data_pipeline.encoders import build_image_encoder, build_text_encoder
     from scaletrain.diffusion import build_sampler, make_uncond
@@ -98,9 +103,12 @@ def build_validator(
     def sample(model_fn, noise, cond, uncond, generator):
         return sampler(model_fn, noise, cond, uncond, generator=generator, device=noise.device)
 
+    scale = image_encoder.scaling_factor if scaling_factor is None else scaling_factor
+    shift = image_encoder.shift_factor if shift_factor is None else shift_factor
+
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        # Latents in the shards' training scale -> the encoder's own scale -> pixels.
-        return image_encoder.decode(image_encoder.unscale(latents.float()))
+        # Undo the loader's (z - shift) * scale, then decode to pixels.
+        return image_encoder.decode(latents.float() / scale + shift)
 
     # The Validator drops encode_prompts and uncond_for once it has the conditioning, and
     # with them the last references to the text encoder.
