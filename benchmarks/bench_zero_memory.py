@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -78,6 +77,11 @@ def _ds_config(stage: int, bucket_elements: int) -> dict:
             "reduce_bucket_size": bucket_elements,
             "allgather_bucket_size": bucket_elements,
             "stage3_prefetch_bucket_size": bucket_elements,
+            # Likewise ZeRO-3 keeps up to 1e9 gathered parameters alive (and never frees one
+            # it will reuse within 1e9 elements): on a small model, every layer stays gathered
+            # from forward to backward. One layer's worth, as on a model of billions.
+            "stage3_max_live_parameters": bucket_elements,
+            "stage3_max_reuse_distance": bucket_elements,
             "stage3_param_persistence_threshold": 0,
         },
         "steps_per_print": 10**9,
@@ -85,15 +89,24 @@ def _ds_config(stage: int, bucket_elements: int) -> dict:
     }
 
 
-def _rss_bytes() -> int:
+def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _status_kib("VmHWM") * 1024
 
 
 class _Ledger:
@@ -230,17 +243,26 @@ def run_worker(stage: int, width: int, depth: int, out_path: Path) -> None:
     snapshots = []
     epilogue = engine._backward_epilogue
 
+    def snapshot():
+        held = _measure(engine, ema)
+        snapshots.append((held, _rss_bytes()))
+
     def measured_epilogue():
-        snapshots.append(_measure(engine, ema))
+        snapshot()
         epilogue()
 
+    peak_rss_with_setup = _peak_rss_bytes()
+    gc.collect()
+    _reset_peak_rss()  # from here VmHWM is the peak of one steady-state training step
     engine._backward_epilogue = measured_epilogue
     forward_backward()
     engine._backward_epilogue = epilogue
     # (2) After backward, before the optimizer step.
-    snapshots.append(_measure(engine, ema))
-    held = max(snapshots, key=lambda b: sum(b[c] for c in CATEGORIES))
+    snapshot()
+    held, rss_at_snapshot = max(snapshots, key=lambda s: sum(s[0][c] for c in CATEGORIES))
     engine.step()
+    ema.update(samples_after=16, batch_samples=8)
+    peak_rss_step = _peak_rss_bytes()
     result = {
         "rank": env.rank,
         "world": env.world_size,
@@ -248,7 +270,9 @@ def run_worker(stage: int, width: int, depth: int, out_path: Path) -> None:
         "params": num_params,
         "held": held,
         "rss_before": rss_before,
-        "peak_rss": _peak_rss_bytes(),
+        "rss_at_snapshot": rss_at_snapshot,
+        "peak_rss_step": peak_rss_step,
+        "peak_rss_with_setup": peak_rss_with_setup,
     }
     out_path.write_text(json.dumps(result), encoding="utf-8")
     torch.distributed.barrier()
@@ -280,6 +304,10 @@ def run_stage(stage: int, world: int, width: int, depth: int, timeout: float) ->
                 MASTER_PORT=str(port),
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 OMP_NUM_THREADS="1",
+                # A fixed mmap threshold makes glibc return every freed tensor of 64 KiB or
+                # more to the OS, so RSS tracks live tensors instead of retained heap (the
+                # default threshold grows to 32 MiB after large frees, and then keeps them).
+                MALLOC_MMAP_THRESHOLD_="65536",
             )
             cmd = [
                 sys.executable, str(Path(__file__).resolve()), "--worker",
@@ -310,9 +338,10 @@ def run_stage(stage: int, world: int, width: int, depth: int, timeout: float) ->
 
 def _table(results: dict[int, list[dict]], world: int) -> str:
     lines = [
-        "| ZeRO stage | formula (B/param) | formula MiB | measured model states MiB "
-        "(w + g + fp32 + EMA) | measured/formula | buffers MiB | peak RSS growth MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| ZeRO stage (rank) | formula B/param | formula MiB | measured model states MiB "
+        "(w + g + fp32 + EMA) | measured / formula | buffers MiB | RSS at that moment MiB "
+        "(/ formula) | peak RSS of the step MiB (/ formula) | peak RSS, set-up + first step MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stage, ranks in sorted(results.items()):
         per_param = formula_bytes_per_param(stage, world)
@@ -322,11 +351,15 @@ def _table(results: dict[int, list[dict]], world: int) -> str:
             held = r["held"]
             measured = sum(held[c] for c in CATEGORIES)
             parts = " + ".join(f"{held[c] / MiB:.1f}" for c in CATEGORIES)
+            step_rss = r["peak_rss_step"] - r["rss_before"]
+            rss = r["rss_at_snapshot"] - r["rss_before"]
             lines.append(
                 f"| {stage} (rank {r['rank']}) | {sum(per_param.values()):.1f} | "
                 f"{formula / MiB:.1f} | {measured / MiB:.1f} ({parts}) | "
                 f"{measured / formula:.3f} | {held['buffers'] / MiB:.1f} | "
-                f"{(r['peak_rss'] - r['rss_before']) / MiB:.1f} |"
+                f"{rss / MiB:.1f} ({rss / formula:.2f}) | "
+                f"{step_rss / MiB:.1f} ({step_rss / formula:.2f}) | "
+                f"{(r['peak_rss_with_setup'] - r['rss_before']) / MiB:.1f} |"
             )
     return "\n".join(lines)
 
@@ -340,9 +373,16 @@ Formula per parameter (ZeRO paper, §3.1): bf16 weights 2 + bf16 grads 2 + fp32 
 4/N. "Measured model states" are the bytes of the distinct tensor storages DeepSpeed holds
 on the rank at the step's peak (gradients produced, before the optimizer step), split as
 weights + grads + fp32 master/Adam + EMA (the engine's `ShardedEMA`). Buffers are every
-other live tensor (communication buckets, sized here to one layer; the batch). Peak RSS
-growth is the process's max RSS minus its RSS before the model was built (it adds allocator
-slack and the fp32 gradient copies that exist only inside `optimizer.step`).
+other live tensor (communication buckets, sized here to one layer; the batch). The RSS
+columns are resident memory minus the RSS before the model was built (workers run with
+MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS): at the moment of the
+measurement, then the peak over one steady-state training step (the second; peak mark
+reset through /proc/self/clear_refs before it), then the peak over building the model and
+engine plus the first step. The step's peak exceeds the model states by its transients,
+which the formula leaves out and which are full-size here because ZeRO flattens each
+rank's partition into one tensor: the fp32 copy of the gradient partition the optimizer
+steps on, the temporaries of gradient clipping and of torch's multi-tensor AdamW, the EMA
+update. On GPU the same split shows as `max_memory_allocated` above the formula.
 
 {table}
 

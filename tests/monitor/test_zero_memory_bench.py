@@ -7,7 +7,7 @@ from benchmarks.bench_zero_memory import CATEGORIES, formula_bytes_per_param, ru
 
 def test_formula_divides_as_each_stage_shards():
     total = {s: sum(formula_bytes_per_param(s, 4).values()) for s in range(4)}
-    assert total == {0: 17.0, 1: 8.0, 2: 5.5, 3: 5.0}  # 16 + 4/4, 4 + 12/4 + 1, ...
+    assert total == {0: 17.0, 1: 8.0, 2: 6.5, 3: 5.0}  # 16 + 1, 4 + 3 + 1, 2 + 3.5 + 1, 4 + 1
 
 
 @pytest.mark.slow
