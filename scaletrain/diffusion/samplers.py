@@ -47,6 +47,18 @@ def _gaussian(shape: Sequence[int], generator: torch.Generator | None) -> torch.
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next (VE noise levels;
+    k-diffusion ``get_ancestral_step``): step deterministically to sigma_down, then add fresh
+    noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2. eta = 1 adds the
+    DDPM posterior's noise, sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2."""
+    if eta == 0:
+        return sigma_next, 0.0
+    ratio = 1.0 if math.isinf(sigma) else 1 - sigma_next**2 / sigma**2
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(ratio, 0.0)))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
 class GuidedModel:
     """The model with CFG applied: ``predict(x, t) -> guided prediction`` (float32).
 
@@ -265,13 +277,7 @@ class EulerSampler(Sampler):
             x0, eps = self.denoise(predict, x, sigma, t)
             if sigma_next == 0:
                 return x0
-            sigma_up = 0.0
-            if self.eta > 0:
-                # k-diffusion get_ancestral_step: the variance that ancestral sampling removes
-                # from the deterministic step and adds back as fresh noise.
-                ratio = 1.0 if math.isinf(sigma) else 1 - sigma_next**2 / sigma**2
-                sigma_up = min(sigma_next, self.eta * sigma_next * math.sqrt(max(ratio, 0.0)))
-            sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+            sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
             # VE Euler step: x/a + (sigma_down - sigma) eps_hat = x0_hat + sigma_down eps_hat.
             x_ve = x0 + sigma_down * eps
             if sigma_up > 0:

@@ -49,6 +49,9 @@ def test_dropout_rates_are_the_configured_probabilities():
         assert rate == pytest.approx(p, abs=5 * (p * (1 - p) / B) ** 0.5), key
     both = (changed["encoder_hidden_states"] & changed["pooled"]).double().mean().item()
     assert both == pytest.approx(0.109, abs=5 * (0.109 * 0.891 / B) ** 0.5)
+    # time_ids are dropped independently of the text: P(both) = 0.28 * 0.3.
+    text_ids = (changed["encoder_hidden_states"] & changed["time_ids"]).double().mean().item()
+    assert text_ids == pytest.approx(0.084, abs=5 * (0.084 * 0.916 / B) ** 0.5)
     # The returned masks are exactly the replaced rows.
     assert torch.equal(masks["text"], changed["encoder_hidden_states"])
     assert torch.equal(masks["pooled"], changed["pooled"])

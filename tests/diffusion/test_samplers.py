@@ -14,6 +14,7 @@ from scaletrain.diffusion.samplers import (
     EulerSampler,
     FlowEulerSampler,
     FlowHeunSampler,
+    ancestral_step,
 )
 
 SHAPE = (6, 4, 8, 8)
@@ -199,3 +200,24 @@ def test_build_sampler_choices():
         build_sampler(DiffusionConfig(), "heun")
     with pytest.raises(ValueError, match="eta"):
         build_sampler(DiffusionConfig(), "dpm2", eta=1.0)
+
+
+def test_ancestral_step():
+    sigma, sigma_next = 3.0, 1.2
+    posterior = sigma_next * math.sqrt(1 - sigma_next**2 / sigma**2)  # DDPM, eta = 1
+    assert ancestral_step(sigma, sigma_next, 0.0) == (sigma_next, 0.0)
+    for eta in (0.3, 1.0):
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        assert up == pytest.approx(eta * posterior)
+        assert down**2 + up**2 == pytest.approx(sigma_next**2)
+    assert ancestral_step(math.inf, sigma_next, 1.0) == (pytest.approx(0.0), sigma_next)
+    assert ancestral_step(sigma, sigma_next, 5.0)[1] == sigma_next  # capped
+    # and the sampler uses its eta
+    cfg = DiffusionConfig()
+    outs = [
+        build_sampler(cfg, "euler", steps=6, eta=eta, guidance_scale=1.0)(
+            toy_model, SHAPE, _cond(), generator=_gen(3)
+        )
+        for eta in (0.0, 0.5, 1.0)
+    ]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
