@@ -147,11 +147,14 @@ class Sampler:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """x0 samples. ``noise`` is the initial x_T (a tensor) or its shape, drawn N(0, I) from
-        ``generator`` on the generator's device and moved to ``device``."""
+        ``generator`` on the generator's device, then moved to ``device`` (default: the
+        device of the conditioning tensors, if any)."""
         if isinstance(noise, torch.Tensor):
             x = noise.float()
         else:
             x = _gaussian(noise, generator)
+        if device is None and cond:
+            device = next(iter(cond.values())).device
         if device is not None:
             x = x.to(device)
         predict = GuidedModel(

@@ -21,6 +21,10 @@ def test_defaults_are_valid_sd_eps_with_ddim():
     ("overrides", "key"),
     [
         (dict(num_train_timesteps=1), "num_train_timesteps"),
+        (dict(objective="edm"), "objective"),
+        (dict(schedule="quadratic"), "schedule"),
+        (dict(timestep_sampling="beta"), "timestep_sampling"),
+        (dict(timestep_spacing="random"), "timestep_spacing"),
         (dict(beta_start=0.02, beta_end=0.01), "beta_start"),
         (dict(beta_start=0.0), "beta_start"),
         (dict(cosine_offset=-0.1), "cosine_offset"),
