@@ -1,7 +1,8 @@
 """Samplers: from noise to x0 with a trained ``model_fn``, with classifier-free guidance.
 
     sampler = build_sampler(cfg)                       # scaletrain.diffusion
-    x0 = sampler(model_fn, (B, C, H, W), cond, uncond, guidance_scale=5.0, generator=g)
+    x0 = sampler(model_fn, (B, C, H, W), cond, uncond, generator)   # config defaults
+    x0 = sampler(model_fn, x_T, cond, uncond, generator, guidance_scale=7.0, steps=50)
 
 All samplers view the process as x_t = a x0 + b eps and, at each step, turn the (guided)
 prediction into (x0_hat, eps_hat) (parameterization.py). Then:
@@ -139,11 +140,11 @@ class Sampler:
         noise: torch.Tensor | Sequence[int],
         cond: Mapping[str, torch.Tensor] | None = None,
         uncond: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
         *,
         guidance_scale: float | None = None,
         guidance_rescale: float | None = None,
         steps: int | None = None,
-        generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """x0 samples. ``noise`` is the initial x_T (a tensor) or its shape, drawn N(0, I) from

@@ -71,6 +71,8 @@ def test_deterministic_under_a_seed(overrides, name, eta):
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert torch.isfinite(a).all() and a.shape == SHAPE
+    # The validation loop's call shape: sample(model_fn, noise, cond, uncond, generator).
+    assert torch.equal(sampler(toy_model, SHAPE, _cond(), uncond, _gen(1)), a)
 
 
 def test_stochastic_sampler_noise_comes_from_the_generator():
