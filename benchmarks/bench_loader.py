@@ -176,7 +176,7 @@ def online_encoder(jpegs: list[bytes], resolution: int):
         image = image.resize(size, Image.BICUBIC)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
-        pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
         return pixels / 127.5 - 1.0
 
     @torch.no_grad()

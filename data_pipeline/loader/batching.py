@@ -73,6 +73,14 @@ class PendingSample:
     time_ids: tuple[float, ...]
     group: tuple[str, tuple[int, ...]]
 
+    def detach(self) -> None:
+        """Copy the tensors out of the shard's memory map, so that a sample carried for long
+        in a bucket does not keep its whole shard mapped (and a file descriptor open)."""
+        self.mean, self.std = self.mean.clone(), self.std.clone()
+        self.hidden_states, self.pooled = self.hidden_states.clone(), self.pooled.clone()
+        if self.t5_hidden_states is not None:
+            self.t5_hidden_states = self.t5_hidden_states.clone()
+
 
 def _pair(meta: dict, name: str, key: str) -> list[float]:
     value = meta.get(name)

@@ -80,3 +80,45 @@ def test_garbage_in_the_middle_of_a_tar_ends_the_shard_as_a_failure(dataset):
     assert isinstance(failure, ShardFailure)
     assert delivered == list(range(len(delivered))) and 0 < len(delivered) <= 5
     assert failure.unread == list(range(len(delivered), 12))
+
+
+def _open_tars(root) -> int:
+    import os
+
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return sum(link.startswith(str(root)) and link.endswith(".tar") for link in links)
+
+
+def test_carried_leftovers_do_not_keep_their_shards_mapped(make_dataset):
+    """Six buckets and batches of 8: leftovers of many shards wait in the buckets. Only the
+    shard being read may stay mapped (Python's mmap holds a duplicate file descriptor)."""
+    from data_pipeline.loader import DataConfig, build_train_loader
+
+    buckets = tuple((64, 64 + 32 * i) for i in range(6))
+    data = make_dataset(num_shards=8, per_shard=12, buckets=buckets)
+    config = DataConfig(path=str(data.root), batch_size=8, num_workers=0)
+    loader = build_train_loader(config, 0, 1, 0)
+    it = iter(loader)
+    most = 0
+    for _ in range(30):  # 96 samples / 8 = 12 batches an epoch: 2.5 epochs
+        next(it)
+        most = max(most, _open_tars(data.root))
+    assert most <= 2
+
+
+def test_the_loader_leaves_the_global_rng_alone(dataset):
+    from data_pipeline.loader import DataConfig, build_train_loader
+
+    config = DataConfig(path=str(dataset.root), batch_size=4, num_workers=0)
+    loader = build_train_loader(config, 0, 1, 0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    next(iter(loader))
+    next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)
