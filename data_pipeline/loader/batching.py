@@ -199,10 +199,12 @@ def collate(
         if sample_latents:
             gen = torch.Generator().manual_seed(latent_seed(seed, s.epoch, s.key))
             torch.randn(s.mean.shape, generator=gen, out=z)
-            z.mul_(s.std).add_(s.mean)
+            torch.addcmul(s.mean, s.std, z, out=z)  # mean + std * eps, in one pass
         else:
             z.copy_(s.mean)
-        z.sub_(shift_factor).mul_(scaling_factor)
+        if shift_factor:
+            z.sub_(shift_factor)
+        z.mul_(scaling_factor)
 
     with_t5 = [s.t5_hidden_states is not None for s in samples]
     if any(with_t5) and not all(with_t5):
