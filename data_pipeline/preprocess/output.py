@@ -163,6 +163,15 @@ def record_failure(out_dir: Path, stem: str, url: str, reason: str) -> None:
     )
 
 
+def remove_stale_temporaries(out_dir: Path, stems: list[str]) -> None:
+    """Delete temporary tars of ``stems`` left by a crashed or preempted run. Only for this
+    rank's own shards: no other process writes them."""
+    for stem in stems:
+        for tmp in out_dir.glob(f"{stem}.tar.tmp-*"):
+            log.info("removing %s, left by an interrupted run", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 def write_plan(out_dir: Path, table: list[tuple[str, str]], fingerprint: str) -> None:
     atomic_write_json(
         out_dir / sf.PLAN_NAME,
@@ -173,14 +182,37 @@ def write_plan(out_dir: Path, table: list[tuple[str, str]], fingerprint: str) ->
     )
 
 
+def _manifest_state(out_dir: Path) -> list[tuple[str, int]]:
+    """Names and mtimes of the files the index is built from (a cheap change detector)."""
+    state = []
+    for pattern in (f"*{sf.MANIFEST_SUFFIX}", f"*{sf.FAILED_SUFFIX}"):
+        for path in out_dir.glob(pattern):
+            try:
+                state.append((path.name, path.stat().st_mtime_ns))
+            except FileNotFoundError:  # removed while we looked
+                continue
+    return sorted(state)
+
+
 def finalize_index(output_dir: str | Path) -> dict[str, Any]:
     """(Re)build ``index.json`` and ``errors.jsonl`` from the manifests and ledgers on disk.
 
     Lists every complete shard (manifest present, tar of the recorded size), and says which
     planned shards are missing and which failed. Safe to run at any time, by any number of
-    processes: it only reads manifests and rewrites two files atomically.
+    processes: it only reads manifests and replaces two files atomically. Two ranks that
+    finish together cannot leave a stale index: each rescans after writing and rebuilds if a
+    manifest appeared meanwhile, so the last write always saw every earlier manifest.
     """
     out_dir = Path(output_dir)
+    for _ in range(10):
+        before = _manifest_state(out_dir)
+        index = _build_index(out_dir)
+        if _manifest_state(out_dir) == before:
+            break
+    return index
+
+
+def _build_index(out_dir: Path) -> dict[str, Any]:
     plan_path = out_dir / sf.PLAN_NAME
     planned = (
         [s["shard"] for s in sf.read_json(plan_path)["shards"]] if plan_path.is_file() else []

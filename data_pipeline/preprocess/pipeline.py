@@ -29,6 +29,7 @@ from data_pipeline.preprocess.output import (
     atomic_write,
     finalize_index,
     record_failure,
+    remove_stale_temporaries,
     shard_is_complete,
     write_plan,
 )
@@ -184,6 +185,7 @@ def preprocess_shards(
         "rank %d/%d: %d shards assigned, %d already complete, %d to do -> %s",
         rank, world, len(mine), summary.shards_already_complete, len(todo), out_dir,
     )
+    remove_stale_temporaries(out_dir, [stem for stem, _ in todo])
     if todo:
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
@@ -208,6 +210,9 @@ class _ShardRun:
         self.open: dict[str, ShardOutput] = {}
         self.buffers: dict[str, dict[tuple[int, int], list[Prepared]]] = defaultdict(dict)
         self.reasons: Counter[str] = Counter()
+        self.pending = 0  # samples waiting in buffers
+        # Bound on waiting samples (memory): a few full batches per decoding worker.
+        self.max_pending = 4 * cfg.batch_size * max(1, cfg.decode_workers)
         self.rank = rank
         self.num_shards = num_shards
         self.bar = _progress(cfg.progress, rank, num_shards)
@@ -236,8 +241,17 @@ class _ShardRun:
             bucket = tuple(msg.meta["bucket"])
             pending = self.buffers[msg.stem].setdefault(bucket, [])
             pending.append(msg)
+            self.pending += 1
             if len(pending) >= self.cfg.batch_size:
                 self.flush(msg.stem, bucket)
+            elif self.pending > self.max_pending:
+                # Many buckets x many open shards could hold thousands of images waiting
+                # for full batches; past the cap, encode the fullest buffer as it is.
+                stem, bucket = max(
+                    ((st, b) for st, bs in self.buffers.items() for b in bs),
+                    key=lambda sb: len(self.buffers[sb[0]][sb[1]]),
+                )
+                self.flush(stem, bucket)
         elif isinstance(msg, Skipped):
             self.open[msg.stem].skip(msg.key, msg.code, msg.reason)
             if msg.key is not None:
@@ -255,6 +269,7 @@ class _ShardRun:
         items = self.buffers[stem].pop(bucket, [])
         if not items:
             return
+        self.pending -= len(items)
         shard = self.open[stem]
         for it, (latent, text) in zip(items, self.encoders.encode(items)):
             shard.write(sf.encode_sample(it.key, latent, text, it.meta), bucket)
@@ -266,7 +281,7 @@ class _ShardRun:
             # Not committed: no manifest, so a rerun retries it. What was encoded for it
             # goes with the temporary tar.
             log.error("shard %s failed: %s", end.stem, end.failed)
-            self.buffers.pop(end.stem, None)
+            self.pending -= sum(len(v) for v in self.buffers.pop(end.stem, {}).values())
             shard = self.open.pop(end.stem)
             self.summary.samples_skipped -= sum(shard.skip_counts.values())
             self.reasons.subtract(shard.skip_counts)

@@ -253,9 +253,10 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(tmp_path, demo_cfg):
 
     # A crash after the tar but before the manifest, and a leftover temporary file.
     (out / "00001.manifest.json").unlink()
-    (out / "00002.tar.tmp-host-123").write_bytes(b"half a shard")
+    (out / "00001.tar.tmp-otherhost-123").write_bytes(b"half a shard")
     redo = preprocess_shards(demo_cfg, pattern, out)
     assert (redo.shards_already_complete, redo.shards_done, redo.samples_written) == (2, 1, 4)
+    assert not list(out.glob("*.tmp*"))
     # Deterministic: the redone shard is byte-identical, the index the same.
     assert sf.read_index(out)["shards"] == first_index["shards"]
 
@@ -367,3 +368,46 @@ def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
     assert manifest["image_encoder"]["scaling_factor"] == 0.5
     assert manifest["image_encoder"]["shift_factor"] == pytest.approx(0.1)
     assert manifest["text_encoder"]["preset"] == "sdxl"
+
+
+def test_many_buckets_with_bounded_buffers(tmp_path, demo_cfg, image_bytes, write_tar,
+                                            read_latent_shard, monkeypatch):
+    # Five buckets at 64^2 with step 16; 7 images each, interleaved, batch 8: no buffer
+    # ever fills, so the pending-sample cap (4 x batch) must flush partial batches.
+    from data_pipeline.preprocess import pipeline
+
+    flushes = []  # (samples received so far, batch size) at each encoder call
+    received = [0]
+    original_flush, original_handle = pipeline._ShardRun.flush, pipeline._ShardRun.handle
+
+    def spy_flush(self, stem, bucket):
+        flushes.append((received[0], len(self.buffers[stem].get(bucket, []))))
+        return original_flush(self, stem, bucket)
+
+    def spy_handle(self, msg):
+        received[0] += isinstance(msg, pipeline.Prepared)
+        return original_handle(self, msg)
+
+    monkeypatch.setattr(pipeline._ShardRun, "flush", spy_flush)
+    monkeypatch.setattr(pipeline._ShardRun, "handle", spy_handle)
+    cfg = replace(demo_cfg, bucket_step=16, max_aspect_ratio=4.0, min_size=16, batch_size=8)
+    sizes = {(64, 64): (64, 64), (48, 80): (80, 48), (80, 48): (48, 80), (32, 128): (128, 32),
+             (128, 32): (32, 128)}  # bucket (h, w) -> image size (w, h)
+    members, expected = [], {}
+    for i in range(7):
+        for bucket, size in sizes.items():
+            key = f"k{i}_{bucket[0]}x{bucket[1]}"
+            members += [(f"{key}.jpg", image_bytes(size=size)), (f"{key}.txt", b"a shape")]
+            expected[key] = list(bucket)
+    shard = write_tar(tmp_path / "raw" / "00000.tar", members)
+    summary = preprocess_shards(cfg, str(shard), tmp_path / "out")
+    assert summary.samples_written == 35
+    samples = read_latent_shard(tmp_path / "out" / "00000.tar")
+    assert {k: m["bucket"] for k, (_, _, m) in samples.items()} == expected
+    for _, (latent, _, meta) in samples.items():
+        h, w = meta["bucket"]
+        assert latent["mean"].shape == (12, h // 2, w // 2)
+    # The 33rd waiting sample (cap 32) forced a partial batch before the shard ended.
+    assert flushes[0] == (33, 7) and all(size < 8 for _, size in flushes)
+    manifest = sf.read_json(tmp_path / "out" / "00000.manifest.json")
+    assert manifest["bucket_counts"] == {f"{h}x{w}": 7 for h, w in sizes}
