@@ -96,8 +96,9 @@ class ShardOutput:
         self.url = url
         self.final = out_dir / f"{stem}.tar"
         self.tmp = out_dir / f"{stem}.tar.tmp-{socket.gethostname()}-{os.getpid()}"
-        # Fixed mtime: the same input and config give byte-identical shards.
-        self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0.0)
+        # Fixed integer mtime: the same input and config give byte-identical shards (a float
+        # would add a pax header block to every file).
+        self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0)
         self.ledger: list[dict[str, Any]] = []
         self.bucket_counts: Counter[str] = Counter()
         self.skip_counts: Counter[str] = Counter()
@@ -170,6 +171,21 @@ def remove_stale_temporaries(out_dir: Path, stems: list[str]) -> None:
         for tmp in out_dir.glob(f"{stem}.tar.tmp-*"):
             log.info("removing %s, left by an interrupted run", tmp)
             tmp.unlink(missing_ok=True)
+
+
+def check_same_config(out_dir: Path, fingerprint: str) -> None:
+    """Refuse to add shards made with another config to a directory that has some already
+    (one read of plan.json, not one per manifest: cheap for thousands of ranks)."""
+    plan = out_dir / sf.PLAN_NAME
+    if not plan.is_file():
+        return
+    previous = sf.read_json(plan).get("config_fingerprint")
+    if previous != fingerprint and next(out_dir.glob(f"*{sf.MANIFEST_SUFFIX}"), None):
+        raise FingerprintMismatch(
+            f"{out_dir} holds shards made with a different preprocess config (fingerprint "
+            f"{previous} != {fingerprint}); write to a fresh output directory, or delete the "
+            f"old shards to redo them"
+        )
 
 
 def write_plan(out_dir: Path, table: list[tuple[str, str]], fingerprint: str) -> None:

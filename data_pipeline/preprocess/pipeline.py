@@ -27,6 +27,7 @@ from data_pipeline.preprocess.config import PreprocessConfig, output_fingerprint
 from data_pipeline.preprocess.output import (
     ShardOutput,
     atomic_write,
+    check_same_config,
     finalize_index,
     record_failure,
     remove_stale_temporaries,
@@ -176,6 +177,7 @@ def preprocess_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = output_fingerprint(cfg)
     table = shard_table(expand_inputs(inputs))
+    check_same_config(out_dir, fingerprint)
     write_plan(out_dir, table, fingerprint)
     mine = assign(table, rank, world)
     todo = [(s, u) for s, u in mine if not shard_is_complete(out_dir, s, fingerprint, verify)]
@@ -315,12 +317,19 @@ class _ShardRun:
 def _progress(enabled: bool, rank: int, total_shards: int):
     if not enabled:
         return None
+    import os
+    import sys
+
     from tqdm import tqdm
 
+    interactive = sys.stderr.isatty()
+    local = os.environ.get("LOCAL_RANK", "")
     return tqdm(
         desc=f"rank {rank} shards 0/{total_shards}",
         unit=" samples",
-        position=rank if rank < 8 else None,
+        # Local processes sharing a terminal each get their own line.
+        position=int(local) if local.isdigit() and interactive else None,
         dynamic_ncols=True,
-        mininterval=0.5,
+        # A SLURM log is a file: a line every 30 s, not a redraw every half second.
+        mininterval=0.5 if interactive else 30.0,
     )

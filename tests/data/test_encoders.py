@@ -139,7 +139,13 @@ def test_sdxl_preset_penultimate_states_and_pooled_bigg(tiny_clip_path, tiny_ope
     # bigG part: pooled = open_clip's own (unnormalised) encode_text.
     oc = open_clip.create_model("local-dir:" + tiny_open_clip["local_dir"])
     oc_tok = open_clip.get_tokenizer("local-dir:" + tiny_open_clip["local_dir"])
-    assert torch.allclose(out["pooled"], oc.encode_text(oc_tok(CAPTIONS)), atol=1e-5)
+    ids = oc_tok(CAPTIONS)
+    assert torch.allclose(out["pooled"], oc.encode_text(ids), atol=1e-5)
+    # bigG states = the output of the second-to-last residual block, computed by hand.
+    x = oc.token_embedding(ids) + oc.positional_embedding
+    for block in oc.transformer.resblocks[:-1]:
+        x = block(x, attn_mask=oc.attn_mask)
+    assert torch.allclose(out["hidden_states"][0, : real[0], 48:], x[0, : real[0]], atol=1e-5)
     # Positions past a caption's length are zero.
     assert out["hidden_states"][1, 2:].abs().sum() == 0
     per = unbatch_text(out)

@@ -268,6 +268,10 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(tmp_path, demo_cfg):
     # Another config into the same directory would mix datasets: refused.
     with pytest.raises(FingerprintMismatch, match="different preprocess config"):
         preprocess_shards(replace(demo_cfg, crop="random"), pattern, out)
+    # Also when the new run's inputs are other shards: the plan records the old config.
+    other = write_synthetic_shards(tmp_path / "other", num_shards=1, samples_per_shard=2)
+    with pytest.raises(FingerprintMismatch, match="different preprocess config"):
+        preprocess_shards(replace(demo_cfg, crop="random"), other, tmp_path / "out")
     # Runtime-only settings do not count as another config.
     assert preprocess_shards(replace(demo_cfg, batch_size=3), pattern, out).shards_done == 0
 
