@@ -65,7 +65,8 @@ class TransformersTextModel:
             model_cls = self._model_class(family, projection)
             model = model_cls.from_pretrained(cfg.name, torch_dtype=dtype, **model_kwargs)
         except (OSError, ValueError) as exc:
-            raise OSError(f"cannot load {family} text encoder from {cfg.name}: {exc}") from exc
+            where = cfg.name + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
+            raise OSError(f"cannot load {family} text encoder from {where}: {exc}") from exc
         self.model = model.to(device).eval().requires_grad_(False)
         self.projection = projection
         self.max_length = min(cfg.max_length, self._model_max_length())

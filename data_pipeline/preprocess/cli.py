@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="raw shards: a brace pattern like 'data/{00000..00099}.tar', a glob, a '::' "
         "list or a 'pipe:' URL (repeatable)",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="latent shard directory")
+    parser.add_argument("--output", metavar="DIR", help="latent shard directory (required)")
     parser.add_argument(
         "--workers", type=int, default=1, metavar="N", help="local processes, one rank each"
     )
@@ -49,16 +49,17 @@ def main(args: argparse.Namespace) -> int:
     setup_logging("INFO")
     from data_pipeline.preprocess.output import finalize_index
 
-    if args.finalize_only:
+    if args.finalize_only and args.output:
         index = finalize_index(args.output)
         _print_index(args.output, index)
         return 0 if index["complete"] else 1
     root = resolve_config(args)
     if root is None:  # --dry-run printed the config
         return 0
-    if not args.input:
-        print("scaletrain preprocess: --input PATTERN is required", file=sys.stderr)
-        return 2
+    for flag, value in (("--output DIR", args.output), ("--input PATTERN", args.input)):
+        if not value:
+            print(f"scaletrain preprocess: {flag} is required", file=sys.stderr)
+            return 2
     if args.workers < 1:
         print("scaletrain preprocess: --workers must be >= 1", file=sys.stderr)
         return 2

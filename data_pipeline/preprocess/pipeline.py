@@ -210,6 +210,7 @@ class _ShardRun:
         self.fingerprint = fingerprint
         self.summary = summary
         self.open: dict[str, ShardOutput] = {}
+        self.ends: dict[str, list[ShardEnd]] = {}  # shard -> ends of its parts so far
         self.buffers: dict[str, dict[tuple[int, int], list[Prepared]]] = defaultdict(dict)
         self.reasons: Counter[str] = Counter()
         self.pending = 0  # samples waiting in buffers
@@ -220,7 +221,7 @@ class _ShardRun:
         self.bar = _progress(cfg.progress, rank, num_shards)
 
     def run(self, todo: list[tuple[str, str]]) -> None:
-        workers = min(self.cfg.decode_workers, len(todo))
+        workers = self.cfg.decode_workers
         loader = DataLoader(
             RawShardDataset(todo, self.cfg),
             batch_size=None,
@@ -239,6 +240,13 @@ class _ShardRun:
         self.summary.skipped_by_reason = {k: v for k, v in sorted(self.reasons.items()) if v}
 
     def handle(self, msg) -> None:
+        if isinstance(msg, ShardBegin):
+            if msg.stem not in self.ends:
+                self.open[msg.stem] = ShardOutput(self.out_dir, msg.stem, msg.url)
+                self.ends[msg.stem] = []
+            return
+        if msg.stem not in self.open:
+            return  # a part of a shard that already failed: its samples are discarded
         if isinstance(msg, Prepared):
             bucket = tuple(msg.meta["bucket"])
             pending = self.buffers[msg.stem].setdefault(bucket, [])
@@ -260,10 +268,8 @@ class _ShardRun:
                 self.summary.samples_skipped += 1
                 self.reasons[msg.code] += 1
                 self._tick(1)
-        elif isinstance(msg, ShardBegin):
-            self.open[msg.stem] = ShardOutput(self.out_dir, msg.stem, msg.url)
         elif isinstance(msg, ShardEnd):
-            self.end_shard(msg)
+            self.end_part(msg)
         else:  # pragma: no cover - a programming error
             raise TypeError(f"unexpected message {type(msg).__name__}")
 
@@ -278,31 +284,41 @@ class _ShardRun:
         self.summary.samples_written += len(items)
         self._tick(len(items))
 
-    def end_shard(self, end: ShardEnd) -> None:
-        if end.failed:
+    def end_part(self, end: ShardEnd) -> None:
+        ends = self.ends[end.stem]
+        ends.append(end)
+        if end.failed and end.stem in self.open:
             # Not committed: no manifest, so a rerun retries it. What was encoded for it
-            # goes with the temporary tar.
+            # goes with the temporary tar; its other parts' messages are dropped.
             log.error("shard %s failed: %s", end.stem, end.failed)
             self.pending -= sum(len(v) for v in self.buffers.pop(end.stem, {}).values())
             shard = self.open.pop(end.stem)
             self.summary.samples_skipped -= sum(shard.skip_counts.values())
-            self.reasons.subtract(shard.skip_counts)
             self.summary.samples_written -= shard.num_samples
+            self.reasons.subtract(shard.skip_counts)
             shard.abort()
             record_failure(self.out_dir, end.stem, end.url, end.failed)
             self.summary.shards_failed.append({"shard": end.stem, "reason": end.failed})
-        else:
+        if len(ends) < end.parts:
+            return
+        del self.ends[end.stem]
+        if end.stem in self.open:
             for bucket in sorted(self.buffers.get(end.stem, {})):
                 self.flush(end.stem, bucket)
             self.buffers.pop(end.stem, None)
+            total = ShardEnd(
+                end.stem, end.url, num_groups=sum(e.num_groups for e in ends),
+                input_sha256=end.input_sha256, input_bytes=end.input_bytes,
+                tar_problem=next((e.tar_problem for e in ends if e.tar_problem), None),
+            )
             manifest = self.open.pop(end.stem).commit(
-                end, self.encoders.identity, self.fingerprint
+                total, self.encoders.identity, self.fingerprint
             )
             self.summary.shards_done += 1
             log.info(
                 "shard %s: %d samples, %d skipped%s",
                 end.stem, manifest["num_samples"], manifest["num_skipped"],
-                f" (tar damaged: {end.tar_problem})" if end.tar_problem else "",
+                f" (tar damaged: {total.tar_problem})" if total.tar_problem else "",
             )
         if self.bar is not None:
             done = self.summary.shards_done + len(self.summary.shards_failed)

@@ -48,7 +48,9 @@ def test_usage_errors_and_dry_run(tmp_path, capsys):
     assert main(["preprocess", DEMO, "--input", "x.tar", "--output", str(tmp_path),
                  "preprocess.min_size=0"]) == 2
     assert "preprocess.min_size" in capsys.readouterr().err
-    assert main(["preprocess", DEMO, "--input", "x", "--output", str(tmp_path), "--dry-run"]) == 0
+    assert main(["preprocess", DEMO, "--input", "x.tar"]) == 2  # no --output
+    assert "--output DIR is required" in capsys.readouterr().err
+    assert main(["preprocess", DEMO, "--dry-run"]) == 0
     assert "preset: tiny_clip" in capsys.readouterr().out
 
 

@@ -227,3 +227,36 @@ def test_tiny_clip_is_built_once_deterministically_and_depends_on_caption(tmp_pa
     # Every demo caption word is a single token (plus BOS and EOS).
     assert out["lengths"].tolist() == [5, 5, 5]
     assert np.isfinite(out["hidden_states"].numpy()).all()
+
+
+def test_diffusers_style_repo_layout_with_subfolders(tmp_path, tiny_clip_path, tiny_vae_path):
+    """A pipeline repo keeps each model in a subfolder (vae/, text_encoder_2/, tokenizer_2/);
+    bigG can also come from transformers (CLIPTextModelWithProjection) instead of open_clip."""
+    import shutil
+
+    repo = tmp_path / "pipeline"
+    shutil.copytree(tiny_vae_path, repo / "vae")
+    shutil.copytree(tiny_clip_path, repo / "text_encoder_2")
+    shutil.copytree(tiny_clip_path, repo / "tokenizer_2")
+    vae = build_image_encoder(
+        ImageEncoderConfig(kind="vae", name=str(repo), subfolder="vae"), "cpu"
+    )
+    assert vae.encode(torch.zeros(1, 3, 32, 32))["mean"].shape == (1, 4, 8, 8)
+    cfg = TextEncoderConfig(
+        preset="sdxl",
+        clip_l=ClipLConfig(name=str(tiny_clip_path)),
+        clip_g=ClipGConfig(library="transformers", name=str(repo), subfolder="text_encoder_2",
+                           tokenizer_subfolder="tokenizer_2"),
+        dtype="fp32",
+    )
+    enc = build_text_encoder(cfg, "cpu")
+    out = enc.encode(["a red circle"])
+    assert out["hidden_states"].shape == (1, 5, 96) and out["pooled"].shape == (1, 24)
+    # Same weights in both slots: the two halves of the states are equal.
+    assert torch.equal(out["hidden_states"][..., :48], out["hidden_states"][..., 48:])
+    with pytest.raises(OSError, match="subfolder text_encoder_3"):
+        build_text_encoder(
+            TextEncoderConfig(preset="sdxl", clip_l=ClipLConfig(name=str(repo),
+                              subfolder="text_encoder_3", tokenizer_subfolder="tokenizer_2")),
+            "cpu",
+        )

@@ -167,10 +167,11 @@ EXPECTED_SKIPS = {
 }
 
 
+@pytest.mark.parametrize("workers", [0, 3], ids=["in_process", "one_shard_in_3_parts"])
 def test_bad_input_is_skipped_with_reasons_and_nothing_is_lost(
-    tmp_path, demo_cfg, bad_shard, read_latent_shard
+    tmp_path, demo_cfg, bad_shard, read_latent_shard, workers
 ):
-    cfg = replace(demo_cfg, max_image_pixels=20000)
+    cfg = replace(demo_cfg, max_image_pixels=20000, decode_workers=workers)
     summary = preprocess_shards(cfg, str(bad_shard), tmp_path / "out")
     out = tmp_path / "out"
     ledger = _ledger(out)
@@ -195,8 +196,10 @@ def test_bad_input_is_skipped_with_reasons_and_nothing_is_lost(
     _assert_nothing_lost(out, [bad_shard], read_latent_shard)
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "two_workers"])
 def test_truncated_tars_keep_what_was_read(tmp_path, demo_cfg, image_bytes, write_tar,
-                                           read_latent_shard):
+                                           read_latent_shard, workers):
+    demo_cfg = replace(demo_cfg, decode_workers=workers)
     members = []
     for i in range(5):
         members += [(f"s{i}.jpg", image_bytes(colour=(i * 40, 0, 0))), (f"s{i}.txt", b"a red circle")]
@@ -415,3 +418,23 @@ def test_many_buckets_with_bounded_buffers(tmp_path, demo_cfg, image_bytes, writ
     assert flushes[0] == (33, 7) and all(size < 8 for _, size in flushes)
     manifest = sf.read_json(tmp_path / "out" / "00000.manifest.json")
     assert manifest["bucket_counts"] == {f"{h}x{w}": 7 for h, w in sizes}
+
+
+def test_a_shard_split_into_parts_fails_once_and_commits_once(tmp_path, demo_cfg):
+    from data_pipeline.preprocess.samples import work_units
+
+    assert work_units([("a", "a.tar")], 3) == [("a", "a.tar", p, 3) for p in range(3)]
+    assert len(work_units([("a", "a.tar"), ("b", "b.tar")], 5)) == 4  # 2 parts each
+    assert work_units([("a", "a.tar"), ("b", "b.tar")], 1) == [("a", "a.tar", 0, 1),
+                                                               ("b", "b.tar", 0, 1)]
+    write_synthetic_shards(tmp_path / "raw", num_shards=1, samples_per_shard=9)
+    cfg = replace(demo_cfg, decode_workers=2)
+    out = tmp_path / "out"
+    bad = f"pipe:cat {tmp_path}/raw/00000.tar; exit 3 # 00001.tar"  # data, then a failure
+    summary = preprocess_shards(cfg, [bad], out)
+    assert summary.shards_failed == [{"shard": "00001", "reason": summary.shards_failed[0]["reason"]}]
+    assert "exit 3" in summary.shards_failed[0]["reason"]
+    assert summary.samples_written == 0 and not list(out.glob("*.tar*"))
+    good = preprocess_shards(cfg, str(tmp_path / "raw" / "00000.tar"), out)
+    assert (good.shards_done, good.samples_written) == (1, 9)
+    assert sf.read_json(out / "00000.manifest.json")["num_input_samples"] == 9
