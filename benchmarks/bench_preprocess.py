@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         total = args.shards * args.samples
         demo = load_config(
             ROOT / "configs" / "data" / "demo.yaml",
-            [f"preprocess.text_encoder.tiny.cache_dir={scratch / 'cache'}",
-             "preprocess.progress=false", f"preprocess.resolution={args.size}"],
+            [
+                f"preprocess.text_encoder.tiny.cache_dir={scratch / 'cache'}",
+                "preprocess.progress=false",
+                f"preprocess.resolution={args.size}",
+            ],
         ).preprocess
         vae_dir = save_tiny_vae(scratch / "vae", block_out_channels=(32, 64, 64, 64))
         clip_dir = save_tiny_clip(scratch / "clip", CAPTION_WORDS, hidden_size=64)
@@ -117,11 +120,18 @@ def main(argv: list[str] | None = None) -> int:
 
         for workers in (0, 1, 2):
             cfg = replace(demo, decode_workers=workers)
-            rows.append(("decode only (tar, PIL decode, RGB, bucket, crop)", workers,
-                         best(lambda c=cfg, w=workers: decode_only_rate(c, pattern, w)), None))
-        for name, base in (("demo preset: pixel + tiny CLIP", demo),
-                           ("tiny SDXL-layout VAE (8x) + tiny CLIP-L/OpenCLIP (sdxl preset)",
-                            sdxl_tiny)):
+            rows.append(
+                (
+                    "decode only (tar, PIL decode, RGB, bucket, crop)",
+                    workers,
+                    best(lambda c=cfg, w=workers: decode_only_rate(c, pattern, w)),
+                    None,
+                )
+            )
+        for name, base in (
+            ("demo preset: pixel + tiny CLIP", demo),
+            ("tiny SDXL-layout VAE (8x) + tiny CLIP-L/OpenCLIP (sdxl preset)", sdxl_tiny),
+        ):
             for workers in (0, 1):
                 cfg = replace(base, decode_workers=workers)
                 results = [full_rate(cfg, pattern, scratch) for _ in range(args.repeats)]
@@ -131,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     command = "PYTHONPATH=. python benchmarks/bench_preprocess.py " + " ".join(
-        f"--{k} {v}" for k, v in (("shards", args.shards), ("samples", args.samples),
-                                  ("size", args.size), ("repeats", args.repeats))
+        f"--{k} {v}"
+        for k, v in (
+            ("shards", args.shards),
+            ("samples", args.samples),
+            ("size", args.size),
+            ("repeats", args.repeats),
+        )
     )
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [

@@ -77,7 +77,9 @@ def draw_shape(
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in _angles(3, -math.pi / 2)]
         draw.polygon(pts, fill=colour)
     elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=colour)
+        draw.polygon(
+            [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=colour
+        )
     elif shape == "star":
         pts = []
         for i, a in enumerate(_angles(10, -math.pi / 2)):

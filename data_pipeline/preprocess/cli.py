@@ -68,14 +68,16 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = root.preprocess
     base_rank, base_world, source = resolve_rank_world()
-    log.info("rank %d of %d (from %s), %d local worker(s)", base_rank, base_world, source,
-             args.workers)
+    log.info(
+        "rank %d of %d (from %s), %d local worker(s)", base_rank, base_world, source, args.workers
+    )
     if args.workers == 1:
         summary = _run_rank(cfg, args.input, args.output, base_rank, base_world, args.verify)
     else:
         summary = PreprocessSummary.merge(
-            run_local_workers(cfg, args.input, args.output, args.workers, base_rank,
-                              base_world, args.verify)
+            run_local_workers(
+                cfg, args.input, args.output, args.workers, base_rank, base_world, args.verify
+            )
         )
     index = finalize_index(args.output)
     print(summary.describe())
@@ -96,8 +98,9 @@ def _run_rank(cfg, inputs, output, rank, world, verify, finalize=True):
     from data_pipeline.preprocess.pipeline import preprocess_shards
 
     quiet_hub_libraries()
-    return preprocess_shards(cfg, inputs, output, rank=rank, world=world, finalize=finalize,
-                             verify=verify)
+    return preprocess_shards(
+        cfg, inputs, output, rank=rank, world=world, finalize=finalize, verify=verify
+    )
 
 
 def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, verify) -> None:
@@ -110,8 +113,7 @@ def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, ve
     rank = base_rank * workers + local
     setup_logging("INFO", rank=rank)
     try:
-        summary = _run_rank(cfg, inputs, output, rank, base_world * workers, verify,
-                            finalize=False)
+        summary = _run_rank(cfg, inputs, output, rank, base_world * workers, verify, finalize=False)
         queue.put((local, summary, None))
     except BaseException as exc:  # report, then fail this process
         queue.put((local, None, f"{type(exc).__name__}: {exc}"))

@@ -114,9 +114,7 @@ class ShardOutput:
         if key is not None:
             self.skip_counts[code] += 1
 
-    def commit(
-        self, end: ShardEnd, encoders: dict[str, Any], fingerprint: str
-    ) -> dict[str, Any]:
+    def commit(self, end: ShardEnd, encoders: dict[str, Any], fingerprint: str) -> dict[str, Any]:
         """Close, rename, write ledger then manifest. Returns the manifest."""
         keyed_skips = sum(self.skip_counts.values())
         if end.num_groups != self.num_samples + keyed_skips:
@@ -230,9 +228,7 @@ def finalize_index(output_dir: str | Path) -> dict[str, Any]:
 
 def _build_index(out_dir: Path) -> dict[str, Any]:
     plan_path = out_dir / sf.PLAN_NAME
-    planned = (
-        [s["shard"] for s in sf.read_json(plan_path)["shards"]] if plan_path.is_file() else []
-    )
+    planned = [s["shard"] for s in sf.read_json(plan_path)["shards"]] if plan_path.is_file() else []
     shards, ledger_lines, failed = [], [], []
     totals: Counter[str] = Counter()
     fingerprints, encoders = set(), {}
@@ -272,8 +268,12 @@ def _build_index(out_dir: Path) -> dict[str, Any]:
         failed.append({"shard": info["shard"], "reason": info["reason"]})
         ledger_lines.append(
             json.dumps(
-                {"shard": info["shard"], "key": None, "code": "shard_failed",
-                 "reason": info["reason"]},
+                {
+                    "shard": info["shard"],
+                    "key": None,
+                    "code": "shard_failed",
+                    "reason": info["reason"],
+                },
                 sort_keys=True,
             )
         )

@@ -185,7 +185,12 @@ def preprocess_shards(
     summary.shards_already_complete = len(mine) - len(todo)
     log.info(
         "rank %d/%d: %d shards assigned, %d already complete, %d to do -> %s",
-        rank, world, len(mine), summary.shards_already_complete, len(todo), out_dir,
+        rank,
+        world,
+        len(mine),
+        summary.shards_already_complete,
+        len(todo),
+        out_dir,
     )
     remove_stale_temporaries(out_dir, [stem for stem, _ in todo])
     if todo:
@@ -197,6 +202,7 @@ def preprocess_shards(
     summary.seconds = time.perf_counter() - start
     if finalize:
         finalize_index(out_dir)
+    log.info("rank %d/%d done:\n%s", rank, world, summary.describe())
     return summary
 
 
@@ -307,8 +313,11 @@ class _ShardRun:
                 self.flush(end.stem, bucket)
             self.buffers.pop(end.stem, None)
             total = ShardEnd(
-                end.stem, end.url, num_groups=sum(e.num_groups for e in ends),
-                input_sha256=end.input_sha256, input_bytes=end.input_bytes,
+                end.stem,
+                end.url,
+                num_groups=sum(e.num_groups for e in ends),
+                input_sha256=end.input_sha256,
+                input_bytes=end.input_bytes,
                 tar_problem=next((e.tar_problem for e in ends if e.tar_problem), None),
             )
             manifest = self.open.pop(end.stem).commit(
@@ -317,7 +326,9 @@ class _ShardRun:
             self.summary.shards_done += 1
             log.info(
                 "shard %s: %d samples, %d skipped%s",
-                end.stem, manifest["num_samples"], manifest["num_skipped"],
+                end.stem,
+                manifest["num_samples"],
+                manifest["num_skipped"],
                 f" (tar damaged: {total.tar_problem})" if total.tar_problem else "",
             )
         if self.bar is not None:

@@ -109,7 +109,9 @@ class SamplePreparer:
             raise SkipSample("not_a_sample", "tar member has no extension, not a sample file")
         image_ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
         if image_ext is None:
-            raise SkipSample("missing_image", f"no image file (.jpg/.jpeg/.png/.webp); has {present}{cut}")
+            raise SkipSample(
+                "missing_image", f"no image file (.jpg/.jpeg/.png/.webp); has {present}{cut}"
+            )
         if CAPTION_EXT not in raw.files:
             raise SkipSample("missing_caption", f"no caption file (.txt); has {present}{cut}")
         caption = _decode_caption(raw.files[CAPTION_EXT], cfg.allow_empty_captions)
@@ -194,7 +196,9 @@ def iter_shard(
             end.num_groups += 1
             if duplicate:
                 yield Skipped(
-                    stem, item.key, "duplicate_key",
+                    stem,
+                    item.key,
+                    "duplicate_key",
                     "key appears again later in the shard (its files are not consecutive)",
                 )
                 continue

@@ -78,8 +78,9 @@ def test_vae_from_local_dir_stores_distribution_and_factors(tiny_vae_path):
 
 
 def test_vae_factor_overrides(tiny_vae_path):
-    cfg = ImageEncoderConfig(kind="vae", name=str(tiny_vae_path), scaling_factor=0.13,
-                             shift_factor=0.0, dtype="fp16")
+    cfg = ImageEncoderConfig(
+        kind="vae", name=str(tiny_vae_path), scaling_factor=0.13, shift_factor=0.0, dtype="fp16"
+    )
     enc = build_image_encoder(cfg, "cpu")
     assert (enc.scaling_factor, enc.shift_factor) == (0.13, 0.0)
     assert enc.encode(torch.zeros(1, 3, 32, 32))["mean"].dtype == torch.float16
@@ -156,12 +157,16 @@ def test_sdxl_preset_penultimate_states_and_pooled_bigg(tiny_clip_path, tiny_ope
 def test_open_clip_checkpoint_and_local_dir_load_the_same_weights(tiny_clip_path, tiny_open_clip):
     outs = []
     for clip_g in (
-        ClipGConfig(name="tiny-openclip", pretrained=tiny_open_clip["pretrained"],
-                    model_config=tiny_open_clip["model_config"]),
+        ClipGConfig(
+            name="tiny-openclip",
+            pretrained=tiny_open_clip["pretrained"],
+            model_config=tiny_open_clip["model_config"],
+        ),
         ClipGConfig(name="local-dir:" + tiny_open_clip["local_dir"]),
     ):
-        cfg = TextEncoderConfig(preset="sdxl", clip_l=ClipLConfig(name=str(tiny_clip_path)),
-                                clip_g=clip_g, dtype="fp32")
+        cfg = TextEncoderConfig(
+            preset="sdxl", clip_l=ClipLConfig(name=str(tiny_clip_path)), clip_g=clip_g, dtype="fp32"
+        )
         outs.append(build_text_encoder(cfg, "cpu").encode(["a red circle"]))
     assert torch.equal(outs[0]["pooled"], outs[1]["pooled"])
     assert torch.equal(outs[0]["hidden_states"], outs[1]["hidden_states"])
@@ -209,10 +214,14 @@ def test_untrimmed_clip_states_keep_max_length(tiny_clip_path, tiny_open_clip):
 def test_tiny_clip_is_built_once_deterministically_and_depends_on_caption(tmp_path):
     from data_pipeline.encoders.tiny import ensure_tiny_clip
 
-    cfg = TextEncoderConfig(preset="tiny_clip", tiny=TinyTextConfig(cache_dir=str(tmp_path / "a")),
-                            dtype="fp32")
-    enc = build_text_encoder(PreprocessConfig(text_encoder=cfg, device="cpu",
-                                              image_encoder=ImageEncoderConfig(kind="pixel")))
+    cfg = TextEncoderConfig(
+        preset="tiny_clip", tiny=TinyTextConfig(cache_dir=str(tmp_path / "a")), dtype="fp32"
+    )
+    enc = build_text_encoder(
+        PreprocessConfig(
+            text_encoder=cfg, device="cpu", image_encoder=ImageEncoderConfig(kind="pixel")
+        )
+    )
     path = ensure_tiny_clip(cfg.tiny)
     assert path.parent == tmp_path / "a" and (path / "config.json").is_file()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
@@ -245,8 +254,12 @@ def test_diffusers_style_repo_layout_with_subfolders(tmp_path, tiny_clip_path, t
     cfg = TextEncoderConfig(
         preset="sdxl",
         clip_l=ClipLConfig(name=str(tiny_clip_path)),
-        clip_g=ClipGConfig(library="transformers", name=str(repo), subfolder="text_encoder_2",
-                           tokenizer_subfolder="tokenizer_2"),
+        clip_g=ClipGConfig(
+            library="transformers",
+            name=str(repo),
+            subfolder="text_encoder_2",
+            tokenizer_subfolder="tokenizer_2",
+        ),
         dtype="fp32",
     )
     enc = build_text_encoder(cfg, "cpu")
@@ -256,7 +269,11 @@ def test_diffusers_style_repo_layout_with_subfolders(tmp_path, tiny_clip_path, t
     assert torch.equal(out["hidden_states"][..., :48], out["hidden_states"][..., 48:])
     with pytest.raises(OSError, match="subfolder text_encoder_3"):
         build_text_encoder(
-            TextEncoderConfig(preset="sdxl", clip_l=ClipLConfig(name=str(repo),
-                              subfolder="text_encoder_3", tokenizer_subfolder="tokenizer_2")),
+            TextEncoderConfig(
+                preset="sdxl",
+                clip_l=ClipLConfig(
+                    name=str(repo), subfolder="text_encoder_3", tokenizer_subfolder="tokenizer_2"
+                ),
+            ),
             "cpu",
         )

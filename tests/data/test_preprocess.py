@@ -197,12 +197,16 @@ def test_bad_input_is_skipped_with_reasons_and_nothing_is_lost(
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "two_workers"])
-def test_truncated_tars_keep_what_was_read(tmp_path, demo_cfg, image_bytes, write_tar,
-                                           read_latent_shard, workers):
+def test_truncated_tars_keep_what_was_read(
+    tmp_path, demo_cfg, image_bytes, write_tar, read_latent_shard, workers
+):
     demo_cfg = replace(demo_cfg, decode_workers=workers)
     members = []
     for i in range(5):
-        members += [(f"s{i}.jpg", image_bytes(colour=(i * 40, 0, 0))), (f"s{i}.txt", b"a red circle")]
+        members += [
+            (f"s{i}.jpg", image_bytes(colour=(i * 40, 0, 0))),
+            (f"s{i}.txt", b"a red circle"),
+        ]
     full = write_tar(tmp_path / "full.tar", members).read_bytes()
     # Find where s3.txt's data starts: cut inside it, and at the block boundary before s3.
     offsets = {}
@@ -222,8 +226,10 @@ def test_truncated_tars_keep_what_was_read(tmp_path, demo_cfg, image_bytes, writ
     assert summary.shards_done == 4 and not summary.shards_failed  # damaged shards complete
     ledger = _ledger(out)
     shard0 = [e for e in ledger if e["shard"] == "00000"]
-    assert {(e["key"], e["code"]) for e in shard0} == {("s3", "missing_caption"),
-                                                       (None, "truncated_tar")}
+    assert {(e["key"], e["code"]) for e in shard0} == {
+        ("s3", "missing_caption"),
+        (None, "truncated_tar"),
+    }
     assert "the tar ends inside this sample" in next(e for e in shard0 if e["key"])["reason"]
     assert sorted(read_latent_shard(out / "00000.tar")) == ["s0", "s1", "s2"]
     shard1 = [e for e in ledger if e["shard"] == "00001"]
@@ -332,7 +338,13 @@ def test_ranks_split_shards_and_the_index_completes_when_all_are_done(tmp_path, 
 
 @pytest.mark.slow
 def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
-    tmp_path, demo_cfg, tiny_vae_path, tiny_clip_path, tiny_open_clip, image_bytes, write_tar,
+    tmp_path,
+    demo_cfg,
+    tiny_vae_path,
+    tiny_clip_path,
+    tiny_open_clip,
+    image_bytes,
+    write_tar,
     read_latent_shard,
 ):
     from data_pipeline.preprocess.config import (
@@ -364,7 +376,9 @@ def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
     for key, (h, w) in expect.items():
         latent, text, meta = samples[key]
         assert meta["bucket"] == [h, w] and meta["target_size"] == [h, w]
-        assert latent["mean"].shape == (4, h // 4, w // 4) and latent["mean"].dtype == torch.bfloat16
+        assert (
+            latent["mean"].shape == (4, h // 4, w // 4) and latent["mean"].dtype == torch.bfloat16
+        )
         assert bool((latent["std"] > 0).all())
         assert text["hidden_states"].shape[1] == 48 + 32 and text["pooled"].shape == (32,)
     assert samples["landscape"][2]["original_size"] == [60, 100]
@@ -377,8 +391,9 @@ def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
     assert manifest["text_encoder"]["preset"] == "sdxl"
 
 
-def test_many_buckets_with_bounded_buffers(tmp_path, demo_cfg, image_bytes, write_tar,
-                                            read_latent_shard, monkeypatch):
+def test_many_buckets_with_bounded_buffers(
+    tmp_path, demo_cfg, image_bytes, write_tar, read_latent_shard, monkeypatch
+):
     # Five buckets at 64^2 with step 16; 7 images each, interleaved, batch 8: no buffer
     # ever fills, so the pending-sample cap (4 x batch) must flush partial batches.
     from data_pipeline.preprocess import pipeline
@@ -398,8 +413,13 @@ def test_many_buckets_with_bounded_buffers(tmp_path, demo_cfg, image_bytes, writ
     monkeypatch.setattr(pipeline._ShardRun, "flush", spy_flush)
     monkeypatch.setattr(pipeline._ShardRun, "handle", spy_handle)
     cfg = replace(demo_cfg, bucket_step=16, max_aspect_ratio=4.0, min_size=16, batch_size=8)
-    sizes = {(64, 64): (64, 64), (48, 80): (80, 48), (80, 48): (48, 80), (32, 128): (128, 32),
-             (128, 32): (32, 128)}  # bucket (h, w) -> image size (w, h)
+    sizes = {
+        (64, 64): (64, 64),
+        (48, 80): (80, 48),
+        (80, 48): (48, 80),
+        (32, 128): (128, 32),
+        (128, 32): (32, 128),
+    }  # bucket (h, w) -> image size (w, h)
     members, expected = [], {}
     for i in range(7):
         for bucket, size in sizes.items():
@@ -425,14 +445,18 @@ def test_a_shard_split_into_parts_fails_once_and_commits_once(tmp_path, demo_cfg
 
     assert work_units([("a", "a.tar")], 3) == [("a", "a.tar", p, 3) for p in range(3)]
     assert len(work_units([("a", "a.tar"), ("b", "b.tar")], 5)) == 4  # 2 parts each
-    assert work_units([("a", "a.tar"), ("b", "b.tar")], 1) == [("a", "a.tar", 0, 1),
-                                                               ("b", "b.tar", 0, 1)]
+    assert work_units([("a", "a.tar"), ("b", "b.tar")], 1) == [
+        ("a", "a.tar", 0, 1),
+        ("b", "b.tar", 0, 1),
+    ]
     write_synthetic_shards(tmp_path / "raw", num_shards=1, samples_per_shard=9)
     cfg = replace(demo_cfg, decode_workers=2)
     out = tmp_path / "out"
     bad = f"pipe:cat {tmp_path}/raw/00000.tar; exit 3 # 00001.tar"  # data, then a failure
     summary = preprocess_shards(cfg, [bad], out)
-    assert summary.shards_failed == [{"shard": "00001", "reason": summary.shards_failed[0]["reason"]}]
+    assert summary.shards_failed == [
+        {"shard": "00001", "reason": summary.shards_failed[0]["reason"]}
+    ]
     assert "exit 3" in summary.shards_failed[0]["reason"]
     assert summary.samples_written == 0 and not list(out.glob("*.tar*"))
     good = preprocess_shards(cfg, str(tmp_path / "raw" / "00000.tar"), out)

@@ -39,8 +39,12 @@ def test_output_stems():
 def test_rank_world_from_slurm_array():
     env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert resolve_rank_world(env)[:2] == (2, 4)
-    stepped = {"SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
-               "SLURM_ARRAY_TASK_MAX": "30", "SLURM_ARRAY_TASK_STEP": "10"}
+    stepped = {
+        "SLURM_ARRAY_TASK_ID": "20",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "30",
+        "SLURM_ARRAY_TASK_STEP": "10",
+    }
     assert resolve_rank_world(stepped)[:2] == (2, 4)
     # An array task running two srun tasks nests them.
     nested = {**env, "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
