@@ -82,8 +82,12 @@ def make_norm(kind: NormKind, dim: int, eps: float, affine: bool = False) -> nn.
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation (seed 001 § 11.1): (1 + gamma) * x + beta, fused into one op."""
-    return torch.addcmul(shift, x, 1 + scale)
+    """AdaLN modulation (seed 001 § 11.1): (1 + gamma) * x + beta.
+
+    (Plain ops: an out-of-place ``addcmul`` with a broadcast ``shift`` first copies it to the
+    full output shape, which is slower on CPU.)
+    """
+    return x * (1 + scale) + shift
 
 
 # --------------------------------------------------------------------------- time embeddings

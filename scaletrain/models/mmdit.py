@@ -128,12 +128,12 @@ class JointTransformerBlock(nn.Module):
         self.ls_ff_context = LayerScale(dim, ls) if ls and not context_pre_only else None
 
     def _residual(self, h, gate, branch, layer_scale):
-        """h + beta * gate * LS(branch): one fused multiply-add."""
+        """h + beta * gate * LS(branch)."""
         if layer_scale is not None:
             branch = layer_scale(branch)
         if self.residual_scale != 1.0:
             gate = gate * self.residual_scale
-        return torch.addcmul(h, gate, branch)
+        return h + gate * branch
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor):
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, cond)
