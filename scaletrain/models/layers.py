@@ -218,9 +218,13 @@ class Attention(nn.Module):
         self.max_logit: torch.Tensor | None = None
 
     def _split(self, t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """(B, N, H*D) -> (B, H, N, D), QK-normalised first, while the view is still
+        contiguous (a norm of the transposed view would copy it)."""
         b, n, _ = t.shape
-        t = t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        return norm(t) if norm is not None else t
+        t = t.view(b, n, self.heads, self.head_dim)
+        if norm is not None:
+            t = norm(t)
+        return t.transpose(1, 2)
 
     def _attend(self, q, k, v, mask=None) -> torch.Tensor:
         if self.record_max_logit:

@@ -68,7 +68,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         grid_h, grid_w = x.shape[-2] // p, x.shape[-1] // p
-        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        # (B, D, h, w) -> (B, h*w, D); made contiguous here, or every later op would inherit
+        # the transposed layout and each linear layer would copy its input.
+        tokens = self.proj(x).flatten(2).transpose(1, 2).contiguous()
         # Positions are added in float32 (as SD3 does) and the sum cast back.
         return (tokens + self.pos_embed(grid_h, grid_w, x.device)).to(tokens.dtype)
 
