@@ -257,19 +257,24 @@ class Attention(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = x.shape[1]
-        q = torch.cat(
-            [self._split(self.to_q(x), self.norm_q), self._split(self.add_q_proj(c), self.norm_added_q)],
-            dim=2,
-        )
         k = torch.cat(
             [self._split(self.to_k(x), self.norm_k), self._split(self.add_k_proj(c), self.norm_added_k)],
             dim=2,
         )
         v = torch.cat([self._split(self.to_v(x), None), self._split(self.add_v_proj(c), None)], dim=2)
+        q_x = self._split(self.to_q(x), self.norm_q)
+        if self.to_add_out is None:
+            # Last block: the text stream's outputs are discarded, so its queries are never
+            # needed; each query row of attention is independent, so attending with the image
+            # queries alone gives the image stream exactly what the joint call would. The
+            # text query projection (kept: it is in SD3's layout) runs on zero tokens and joins
+            # the graph through their (exactly zero) sum, so it still gets its exactly-zero
+            # gradient, as in the reference, rather than none (which trips up some engines).
+            unused = self._split(self.add_q_proj(c[:, :0]), self.norm_added_q).sum()
+            return self.to_out[0](self._attend(q_x, k, v) + unused), None
+        q = torch.cat([q_x, self._split(self.add_q_proj(c), self.norm_added_q)], dim=2)
         out = self._attend(q, k, v)
-        out_x = self.to_out[0](out[:, :n])
-        out_c = self.to_add_out(out[:, n:]) if self.to_add_out is not None else None
-        return out_x, out_c
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
 # --------------------------------------------------------------------------- feed-forward
