@@ -22,13 +22,8 @@ from scaletrain.config_base import (
 )
 from scaletrain.diffusion.config import DiffusionConfig
 from scaletrain.models.config import MMDiTConfig, UNetConfig
-from scaletrain.train.config import (
-    CheckpointConfig,
-    EMAConfig,
-    LoggingConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from scaletrain.train.config import CheckpointConfig, EMAConfig, TrainConfig
+from scaletrain.train.monitor.config import LoggingConfig, ValidationConfig
 
 ModelConfig = UNetConfig | MMDiTConfig
 
