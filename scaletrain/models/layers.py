@@ -6,9 +6,11 @@ layout by name, and the numerics follow diffusers too (same chunk order of modul
 vectors, same GEGLU half order, same sinusoid layout), which the tests check by loading
 diffusers' weights into these modules and comparing outputs.
 
-Initialisation: every module that owns parameters directly has ``reset_parameters()``;
-a module flagged ``zero_init = True`` is zeroed after it. :func:`init_module_` applies both,
-which lets ``build_model`` materialise a meta-device model one module at a time.
+Initialisation: every module that owns parameters initialises them in its own constructor
+through ``reset_parameters()`` (zero-initialised layers are :class:`Linear` / :class:`Conv2d`
+with ``zero_init=True``). So a model is correctly initialised however it is built: directly,
+under DeepSpeed's ``zero.Init`` (which partitions each module right after its constructor),
+or on the meta device and materialised later by :func:`init_module_` one module at a time.
 """
 
 from __future__ import annotations
@@ -34,10 +36,42 @@ def init_module_(module: nn.Module) -> None:
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
         reset()
-    if getattr(module, "zero_init", False):
-        with torch.no_grad():
-            for p in module.parameters(recurse=False):
-                p.zero_()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can start at zero (AdaLN-Zero modulation, zero-init output layers).
+
+    The zeroing lives in ``reset_parameters``, which runs inside the module's own
+    constructor. That keeps it correct when an engine takes each module's parameters away
+    as soon as the module is built (DeepSpeed ZeRO-3's ``zero.Init`` partitions them right
+    after ``__init__``): initialising from a parent module afterwards would be too late.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, zero_init: bool = False):
+        object.__setattr__(self, "zero_init", zero_init)  # read by reset_parameters in __init__
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        if not self.zero_init:
+            return super().reset_parameters()
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that can start at zero; see :class:`Linear`."""
+
+    def __init__(self, *args, zero_init: bool = False, **kwargs):
+        object.__setattr__(self, "zero_init", zero_init)
+        super().__init__(*args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        if not self.zero_init:
+            return super().reset_parameters()
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 def maybe_checkpoint(enabled: bool, fn: Callable, *args):
@@ -336,8 +370,7 @@ class AdaLayerNormZero(nn.Module):
 
     def __init__(self, dim: int, norm: NormKind = "layernorm", eps: float = 1e-6, zero_init: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 6 * dim)
-        self.linear.zero_init = zero_init
+        self.linear = Linear(dim, 6 * dim, zero_init=zero_init)
         self.norm = make_norm(norm, dim, eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor):
@@ -351,8 +384,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __init__(self, dim: int, norm: NormKind = "layernorm", eps: float = 1e-6, zero_init: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.linear.zero_init = zero_init
+        self.linear = Linear(dim, 2 * dim, zero_init=zero_init)
         self.norm = make_norm(norm, dim, eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

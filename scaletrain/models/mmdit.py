@@ -33,8 +33,8 @@ from scaletrain.models.layers import (
     Attention,
     FeedForward,
     LayerScale,
+    Linear,
     TimestepEmbedding,
-    init_module_,
     make_norm,
     maybe_checkpoint,
     mlp_hidden_dim,
@@ -179,11 +179,8 @@ class MMDiT(DiagnosticsMixin, nn.Module):
             [JointTransformerBlock(cfg, context_pre_only=i == cfg.depth - 1) for i in range(cfg.depth)]
         )
         self.norm_out = AdaLayerNormContinuous(dim, cfg.norm, cfg.norm_eps, zero_init=cfg.adaln_zero)
-        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * self.out_channels)
         # DiT zero-initialises the final linear too, so the model's output starts at 0.
-        self.proj_out.zero_init = cfg.adaln_zero
-        for module in self.modules():
-            init_module_(module)
+        self.proj_out = Linear(dim, cfg.patch_size**2 * self.out_channels, zero_init=cfg.adaln_zero)
         self._clear_diagnostics()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
