@@ -184,7 +184,7 @@ def main() -> int:
         "expected result is parity or slightly better, not a large gap.",
         "",
         "The CPU is shared with other processes (several engineers' test runs on 2 cores; load "
-        "average 10-15 during these runs), so absolute times are noisy: the interleaving makes "
+        "average 4-15 while developing), so absolute times are noisy: the interleaving makes "
         "the load hit both sides alike, and the ratio is the figure to read. Repeated runs "
         "during development moved the median ratios by about +-0.04.",
         "",
