@@ -54,6 +54,25 @@ def real_components(cfg) -> Components:
             cfg.data, rank, world, seed, state=state
         ),
         merge_loader_states=merge_states,
-        objective=build_objective(cfg.diffusion),
+        objective=build_objective(cfg.diffusion, null_cond=empty_prompt_cond(cfg.data.path)),
         make_model_fn=lambda engine: make_model_fn(engine, arch),
     )
+
+
+def empty_prompt_cond(data_path: str) -> dict[str, torch.Tensor] | None:
+    """The text encoders' output for "" (written by preprocessing), as the objective's
+    null conditioning for classifier-free-guidance dropout; None when the file is absent."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from data_pipeline.shard_format import EMPTY_PROMPT_NAME
+
+    path = Path(data_path) / EMPTY_PROMPT_NAME
+    if not data_path or not path.is_file():
+        return None
+    text = load_file(str(path))
+    cond = {"encoder_hidden_states": text["hidden_states"], "pooled": text["pooled"]}
+    if "t5_hidden_states" in text:
+        cond["t5_hidden_states"] = text["t5_hidden_states"]
+    return cond

@@ -31,6 +31,13 @@ def import_deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op that
+        # only inference uses; the build takes minutes on a busy machine and serialises every
+        # process on one lock file. Training only needs gloo, so mark the op unavailable.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

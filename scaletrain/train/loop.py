@@ -84,15 +84,17 @@ def run_training(cfg, run_dir: str | Path) -> TrainOutcome:
     save a checkpoint. Raises NonFiniteTrainingError after too many skipped steps.
     """
     env = dist_env_from_environ()
-    device = init_distributed(cfg.train, env)
-    import torch.distributed as dist
+    # Handlers first: a SIGTERM during the (slow) start-up must not kill the process; the
+    # flag is honoured at the first step boundary.
+    with PreemptionFlag() as preempt:
+        device = init_distributed(cfg.train, env)
+        import torch.distributed as dist
 
-    try:
-        with PreemptionFlag() as preempt:
+        try:
             return _Run(cfg, Path(run_dir), env, device, components_for(cfg), preempt).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 class _Run:
