@@ -228,7 +228,7 @@ class _Run:
                 if self.step % cfg.logging.every == 0 or self.step == t.max_steps:
                     self._log(lr, window)
                     window = _Window()
-                stop = preempt_flag > 0
+                stop = preempt_flag > 0 and self.step < t.max_steps  # at the end: just finish
                 if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps or stop:
                     self._save()
                 if stop:
