@@ -1,0 +1,90 @@
+"""The `scaletrain` CLI: every subcommand has --help, and dispatch behaves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from scaletrain import cli
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scaletrain.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_top_level_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for sub in cli.SUBCOMMANDS:
+        assert sub.name in result.stdout
+
+
+def test_the_contracted_subcommands_exist():
+    names = [s.name for s in cli.SUBCOMMANDS]
+    assert names == ["preprocess", "train", "submit", "export", "sample", "model-info", "demo"]
+
+
+@pytest.mark.parametrize("sub", [s.name for s in cli.SUBCOMMANDS])
+def test_every_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([sub, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: scaletrain {sub}" in out
+
+
+def test_unknown_subcommand_fails_with_a_message(capsys):
+    assert cli.main(["trian"]) == 2
+    assert "unknown subcommand 'trian'" in capsys.readouterr().err
+
+
+def test_no_arguments_prints_usage_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "subcommands:" in capsys.readouterr().out
+
+
+def test_a_subcommand_without_its_module_says_not_built(monkeypatch, capsys):
+    ghost = cli.Subcommand("ghost", "scaletrain.no_such_module", "not there")
+    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, ghost])
+    assert cli.main(["ghost", "anything"]) == cli.NOT_BUILT_EXIT
+    assert "scaletrain ghost: not built yet" in capsys.readouterr().err
+
+
+def test_a_broken_dependency_inside_a_module_is_not_hidden(monkeypatch, tmp_path):
+    (tmp_path / "broken_sub.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = cli.Subcommand("broken", "broken_sub", "imports a missing dependency")
+    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, broken])
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        cli.main(["broken"])
+
+
+def test_config_errors_exit_2_with_the_key(monkeypatch, tmp_path, capsys):
+    import argparse
+    import types
+
+    module = types.ModuleType("cfg_sub")
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        cli.add_config_arguments(parser)
+
+    def main(args):
+        cli.resolve_config(args)
+        return 0
+
+    module.add_arguments, module.main = add_arguments, main
+    monkeypatch.setitem(sys.modules, "cfg_sub", module)
+    sub = cli.Subcommand("cfgsub", "cfg_sub", "config-driven")
+    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, sub])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  max_steps: 3\n")
+    assert cli.main(["cfgsub", str(cfg), "train.lr=-1"]) == 2
+    assert "config error: train.lr: must be > 0" in capsys.readouterr().err
+    # --dry-run prints the resolved config, with overrides applied, and nothing else runs.
+    assert cli.main(["cfgsub", str(cfg), "--dry-run", "train.lr=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "lr: 0.25" in out

@@ -1,0 +1,38 @@
+"""docs/configuration.md is generated from the dataclasses and must match them."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaletrain.config_docs import field_comments, generate
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_reference_is_in_sync_with_the_dataclasses():
+    assert DOC.read_text(encoding="utf-8") == generate(), (
+        "docs/configuration.md is stale: run `python -m scaletrain.config_docs > "
+        "docs/configuration.md`"
+    )
+
+
+@dataclass
+class _Documented:
+    # Learning rate of AdamW,
+    # after warm-up.
+    lr: float = 1.0
+    steps: int = 3  # optimizer steps
+    bare: int = 0
+
+
+def test_field_comments_reads_comments_above_and_beside_fields():
+    assert field_comments(_Documented) == {
+        "lr": "Learning rate of AdamW, after warm-up.",
+        "steps": "optimizer steps",
+        "bare": "",
+    }
+
+
+def test_every_root_key_appears_in_the_reference():
+    text = generate()
+    for key in ("`seed`", "`model.arch`", "`train.max_steps`", "`checkpoint.every`", "`data.path`"):
+        assert key in text
