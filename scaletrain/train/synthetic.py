@@ -125,12 +125,17 @@ def synthetic_components(cfg) -> Components:
 
     return Components(
         build_model=build_model,
+        init_module=None,
         build_loader=lambda rank, world, seed, state: SyntheticLoader(
             channels, cfg.data.batch_size, rank, world, seed, state
         ),
         merge_loader_states=merge_states,
-        objective=eps_objective,
+        build_objective=lambda loader: eps_objective,
         make_model_fn=lambda engine: (
             lambda noisy, t, batch: engine(noisy, t, batch["pooled"])
         ),
+        # Matmuls only: 2 FLOPs per weight per sample.
+        forward_flops_per_sample=lambda: 2.0 * sum(
+            p.numel() for n, p in ToyDenoiser(channels, width).named_parameters()
+            if n.endswith("weight")),
     )
