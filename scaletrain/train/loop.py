@@ -9,6 +9,7 @@ so a resumed run draws exactly what an uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -177,6 +178,15 @@ class _Run:
         self.throughput.load_state_dict({"skipped_steps": self.skipped_total})
         self.loss_by_t = LossByTimestep(cfg.logging.loss_buckets)
         self.diagnostics = DiagnosticsSchedule(cfg.logging.diagnostics_every)
+        self.validator = None
+        if cfg.validation.every > 0:
+            if t.components == "synthetic":
+                log.warning("validation.every is ignored with train.components=synthetic")
+            else:
+                from scaletrain.train.validation_setup import build_validator
+
+                self.validator = build_validator(cfg, self.run_dir, self.rank, self.device,
+                                                 self.metrics, self.loader)
 
     # ------------------------------------------------------------------ loop
 
@@ -256,6 +266,9 @@ class _Run:
                 if self.step % cfg.logging.every == 0 or self.step == t.max_steps or collect:
                     self._log(lr, losses, diagnostics_metrics(diag))
                     losses = []
+                if self.validator is not None and self.validator.should_run(self.step):
+                    set_model_diagnostics(self.engine.module, False)
+                    self._validate()
                 stop = preempt_flag > 0 and self.step < t.max_steps  # at the end: just finish
                 if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps or stop:
                     self._save()
@@ -289,6 +302,17 @@ class _Run:
             metrics.update({f"data/{k}": v for k, v in loader_metrics().items()
                             if isinstance(v, (int, float))})
         self.metrics.log(self.step, metrics, samples_seen=self.samples_seen)
+
+    def _validate(self) -> None:
+        """Sample the validation prompts from the EMA weights (collective on every rank)."""
+        module = self.engine.module
+        module.eval()
+        try:
+            with torch.no_grad(), (self.ema.swapped_into(module) if self.ema is not None
+                                   else contextlib.nullcontext()):
+                self.validator.run(self.step, self.model_fn)
+        finally:
+            module.train()
 
     def _save(self) -> None:
         state = {

@@ -104,3 +104,21 @@ def test_load_shards_reports_missing_coverage(tmp_path):
         whole.load_shards([tmp_path / "rank_0.pt"])
     with pytest.raises(ValueError, match="incomplete"):
         consolidate_ema_shards([tmp_path / "rank_0.pt"])
+
+
+def test_swapped_into_puts_ema_weights_in_and_restores():
+    cfg = EMAConfig(schedule="constant", decay=0.5)
+    model = _model()
+    ema = ShardedEMA(cfg, master_weight_fragments(model.named_parameters(), 0, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(samples_after=8, batch_samples=8)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    averaged = {f.name: t.view(f.shape) for f, t in zip(ema.fragments, ema.shadow)}
+    with ema.swapped_into(model):
+        for n, p in model.named_parameters():
+            assert torch.equal(p, averaged[n])
+            assert not torch.equal(p, trained[n])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, trained[n])

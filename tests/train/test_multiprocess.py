@@ -182,7 +182,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_requeue(tmp_path):
     proc = start_train(tmp_path, ["train.max_steps=100000", "checkpoint.every=100000",
                                   "logging.every=2"], log_path=tmp_path / "log.txt")
     try:
-        started = _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file(), 420, proc)
+        metrics = tmp_path / "metrics.jsonl"  # first line written at step 2
+        started = _wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 420, proc)
         assert started, (tmp_path / "log.txt").read_text()[-5000:]
         proc.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to the ranks
         code = proc.wait(timeout=120)

@@ -74,17 +74,32 @@ def _overrides(shards, stage, steps):
             "ema.sigma_rel=0.1"]
 
 
-@pytest.mark.parametrize("preset, stage", [("tiny_unet", 2), ("tiny_mmdit", 3)])
-def test_tiny_model_trains_two_ranks(shards, tmp_path, preset, stage):
-    config = REPO / "configs" / "models" / f"{preset}.yaml"
+@pytest.mark.parametrize("config, stage", [("train/demo.yaml", 2), ("models/tiny_mmdit.yaml", 3)])
+def test_tiny_model_trains_two_ranks(shards, tmp_path, config, stage):
+    """The demo preset (tiny U-Net, ZeRO-2, with validation samples from the sharded EMA)
+    and the tiny MMDiT under ZeRO-3 (built partitioned)."""
+    config = REPO / "configs" / config
     steps = 4
-    proc = run_train(tmp_path, _overrides(shards, stage, steps), config=config)
+    overrides = _overrides(shards, stage, steps)
+    validate = stage == 2
+    if validate:
+        overrides += ["validation.every=2", "validation.steps=2",
+                      "validation.prompts=[a red square,a blue circle]", "validation.nrow=2",
+                      "validation.guidance_scale=2.0"]
+    proc = run_train(tmp_path, overrides, config=config)
     assert proc.returncode == 0, explain(proc)
+    if validate:
+        from PIL import Image
+
+        grids = sorted((tmp_path / "validation").glob("step_*.png"))
+        assert [g.name for g in grids] == ["step_000000002.png", "step_000000004.png"]
+        assert Image.open(grids[-1]).size[0] >= 2 * 64
     state = json.loads((ck.find_latest(tmp_path) / ck.STATE).read_text())
     assert state["step"] == steps and state["zero_stage"] == stage
     assert state["samples_seen"] == steps * 2 * 2
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]  # the others record validation images
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert any(k.startswith("loss_t/") for k in rows[-1])
