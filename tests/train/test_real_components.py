@@ -113,3 +113,37 @@ def test_tiny_model_trains_two_ranks(shards, tmp_path, config, stage):
         for name, tensor in weights.items():
             assert tensor.shape == reference[name].shape and tensor.dtype == torch.float32
             assert torch.isfinite(tensor).all()
+
+
+def test_demo_sigkill_and_resume_is_bit_exact_with_real_loader(shards, tmp_path):
+    """The real loader, objective (noise, timesteps, CFG dropout) and U-Net resume exactly."""
+    import os
+    import signal
+    import time
+
+    from .conftest import start_train
+
+    config = REPO / "configs" / "train" / "demo.yaml"
+    overrides = _overrides(shards, 2, 6) + ["checkpoint.every=1", "checkpoint.keep_last=10",
+                                            "logging.diagnostics_every=0"]
+    reference = run_train(tmp_path / "reference", overrides, config=config)
+    assert reference.returncode == 0, explain(reference)
+
+    run_dir = tmp_path / "killed"
+    proc = start_train(run_dir, overrides, config=config, log_path=tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 420
+        target = ck.checkpoints_dir(run_dir) / ck.step_dir_name(2)
+        while not ck.is_complete(target) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ck.is_complete(target), (tmp_path / "killed.log").read_text()[-4000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not ck.is_complete(ck.checkpoints_dir(run_dir) / ck.step_dir_name(6))
+    resumed = run_train(run_dir, overrides, config=config)
+    assert resumed.returncode == 0, explain(resumed)
+
+    for consolidate in (ck.consolidate_model, ck.consolidate_ema):
+        a, b = consolidate(tmp_path / "reference"), consolidate(run_dir)
+        assert all(torch.equal(a[k], b[k]) for k in a), consolidate.__name__
