@@ -121,7 +121,9 @@ class _Run:
         resume = _broadcast_object(str(found) if found is not None else None)
         self.resume_dir = Path(resume) if resume else None
         saved = ckpt_io.read_state(self.resume_dir) if self.resume_dir else None
-        universal = bool(saved) and ckpt_io.needs_universal(saved, self.world, t.zero_stage)
+        if saved is not None:
+            ckpt_io.check_resumable(self.resume_dir, saved, t.zero_stage)
+        universal = bool(saved) and ckpt_io.needs_universal(saved, self.world)
         if universal:
             if self.rank == 0:
                 ckpt_io.ensure_universal(self.resume_dir)

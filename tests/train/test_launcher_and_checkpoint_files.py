@@ -76,8 +76,14 @@ def test_prune_keeps_newest_complete(tmp_path):
     assert not stale.exists()
 
 
-def test_universal_needed_only_when_layout_changes():
+def test_universal_needed_only_when_world_changes_and_stage_must_match(tmp_path):
+    import pytest
+
+    from scaletrain.config_base import ConfigError
+
     saved = {"world_size": 2, "zero_stage": 2}
-    assert not ck.needs_universal(saved, 2, 2)
-    assert ck.needs_universal(saved, 1, 2)
-    assert ck.needs_universal(saved, 2, 3)
+    assert not ck.needs_universal(saved, 2)
+    assert ck.needs_universal(saved, 1)
+    ck.check_resumable(tmp_path, saved, 2)
+    with pytest.raises(ConfigError, match="train.zero_stage: .*ZeRO-2.*ZeRO-3"):
+        ck.check_resumable(tmp_path, saved, 3)

@@ -147,3 +147,18 @@ def test_demo_sigkill_and_resume_is_bit_exact_with_real_loader(shards, tmp_path)
     for consolidate in (ck.consolidate_model, ck.consolidate_ema):
         a, b = consolidate(tmp_path / "reference"), consolidate(run_dir)
         assert all(torch.equal(a[k], b[k]) for k in a), consolidate.__name__
+
+
+def test_demo_resumes_on_one_rank_with_gradient_accumulation(shards, tmp_path):
+    """2 ranks -> 1 rank: universal checkpoint, merged loader states, re-sliced EMA."""
+    config = REPO / "configs" / "train" / "demo.yaml"
+    first = run_train(tmp_path, _overrides(shards, 2, 2), config=config)
+    assert first.returncode == 0, explain(first)
+    second = run_train(tmp_path, _overrides(shards, 2, 3) + ["train.grad_accum=2"], nproc=1,
+                       config=config)
+    assert second.returncode == 0, explain(second)
+    assert "world size 2 -> 1" in second.stderr
+    state = json.loads((ck.find_latest(tmp_path) / ck.STATE).read_text())
+    # 2 steps x 2 ranks x 2 samples, then 1 step x 1 rank x 2 micro-batches x 2 samples.
+    assert state["step"] == 3 and state["samples_seen"] == 12 and state["world_size"] == 1
+    assert state["ema_updates"] == 3
