@@ -282,6 +282,9 @@ class _Run:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+            close = getattr(self.loader, "close", None)
+            if callable(close):
+                close()  # stop DataLoader workers now, not at interpreter exit
         return TrainOutcome(status, self.step, self.samples_seen)
 
     def _log(self, lr: float, losses: list[float], extra: dict[str, float]) -> None:
