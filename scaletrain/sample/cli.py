@@ -64,9 +64,6 @@ def main(args: argparse.Namespace) -> int:
     from scaletrain.sample.pipeline import GRID_NAME, RECORDS_NAME, read_prompts, sample_images
 
     setup_logging(args.log_level, rank=0)
-    from data_pipeline.encoders.common import quiet_hub_libraries
-
-    quiet_hub_libraries()  # our log lines, not the hub libraries' load reports
     try:
         prompts = args.prompt if args.prompt else read_prompts(args.prompts)
         preprocess = None

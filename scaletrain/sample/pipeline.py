@@ -122,7 +122,10 @@ def sample_images(
     already loaded export.
     """
     from data_pipeline.encoders import build_image_encoder
+    from data_pipeline.encoders.common import quiet_hub_libraries
     from scaletrain.diffusion import build_sampler, make_model_fn
+
+    quiet_hub_libraries()  # no per-model load reports and progress bars from transformers
 
     prompts = [str(p) for p in prompts]
     if not prompts:
