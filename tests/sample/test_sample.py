@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,3 +129,22 @@ def test_bf16_sampling_stays_close_to_fp32(unet_export, tmp_path):
     b = sample_images(unet_export, out_dir=tmp_path / "b", dtype=torch.bfloat16, **args)
     diff = np.abs(pixels(tmp_path / "a" / a[0]["file"]) - pixels(tmp_path / "b" / b[0]["file"]))
     assert diff.mean() < 3.0  # bf16 rounding (about 1 level); another seed differs by ~100
+
+
+def test_a_vae_export_decodes_through_the_recorded_vae(tiny_clip_cache, tmp_path):
+    from data_pipeline.encoders.tiny import save_tiny_vae
+
+    vae = save_tiny_vae(tmp_path / "vae", latent_channels=4, block_out_channels=(8, 16),
+                        scaling_factor=0.5)
+    export = write_export(tmp_path / "e", "tiny_unet", tiny_clip_cache, [
+        "model.in_channels=4", "model.out_channels=4", "model.sample_size=16",
+        "preprocess.image_encoder.kind=vae", f"preprocess.image_encoder.name={vae}",
+        "preprocess.image_encoder.dtype=fp32"])
+    records = sample_images(export, ["a black star"], steps=2, cfg_scale=2.0, seed=0,
+                            out_dir=tmp_path / "o")
+    with Image.open(tmp_path / "o" / records[0]["file"]) as img:
+        assert img.size == (32, 32)  # 16x16 latents, the tiny VAE upsamples by 2
+    # Without the VAE on disk the error names it.
+    shutil.rmtree(vae)
+    with pytest.raises(OSError, match="cannot load the VAE"):
+        sample_images(export, ["a black star"], steps=1, out_dir=tmp_path / "o2")
