@@ -18,13 +18,15 @@ Batch keys (B = batch size, L = max_text_tokens):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from data_pipeline.loader.plan import latent_seed
-from data_pipeline.shard_format import bucket_name, decode_sample
+from data_pipeline.loader.tensor_view import load_tensors_view
+from data_pipeline.shard_format import LATENT_EXT, META_EXT, TEXT_EXT, bucket_name
 
 
 class BadSample(ValueError):
@@ -71,6 +73,14 @@ class PendingSample:
     time_ids: tuple[float, ...]
     group: tuple[str, tuple[int, ...]]
 
+    def detach(self) -> None:
+        """Copy the tensors out of the shard's memory map, so that a sample carried for long
+        in a bucket does not keep its whole shard mapped (and a file descriptor open)."""
+        self.mean, self.std = self.mean.clone(), self.std.clone()
+        self.hidden_states, self.pooled = self.hidden_states.clone(), self.pooled.clone()
+        if self.t5_hidden_states is not None:
+            self.t5_hidden_states = self.t5_hidden_states.clone()
+
 
 def _pair(meta: dict, name: str, key: str) -> list[float]:
     value = meta.get(name)
@@ -81,15 +91,22 @@ def _pair(meta: dict, name: str, key: str) -> list[float]:
 
 def parse_sample(
     key: str,
-    files: dict[str, bytes],
+    files: dict[str, memoryview],
     epoch: int,
     shard_id: int,
     position: int,
     schema: SampleSchema | None = None,
 ) -> PendingSample:
-    """Decode one raw sample (shard_format's layout) and check what batching relies on."""
+    """Decode one raw sample (shard_format's layout) and check what batching relies on.
+
+    Tensors are zero-copy views into ``files``' buffers, in their stored dtype."""
+    missing = [ext for ext in (LATENT_EXT, TEXT_EXT, META_EXT) if ext not in files]
+    if missing:
+        raise BadSample(f"sample {key!r}: lacks {', '.join(missing)}")
     try:
-        latent, text, meta = decode_sample({"__key__": key, **files})
+        latent = load_tensors_view(files[LATENT_EXT])
+        text = load_tensors_view(files[TEXT_EXT])
+        meta = json.loads(bytes(files[META_EXT]))
     except Exception as exc:
         raise BadSample(f"sample {key!r}: cannot decode: {exc}") from exc
     mean, std = latent.get("mean"), latent.get("std")
@@ -128,7 +145,8 @@ def assemble_text(
         raise BadSample(f"text widths differ within a batch: {sorted(widths | t5_widths)}")
     width = max(widths | t5_widths)
     batch = len(hidden)
-    context = torch.zeros(batch, max_tokens, width, dtype=torch.float32)
+    # Only the padding is zeroed: the real rows are overwritten anyway.
+    context = torch.empty(batch, max_tokens, width, dtype=torch.float32)
     mask = torch.zeros(batch, max_tokens, dtype=torch.bool)
     truncated = 0
     for i, h in enumerate(hidden):
@@ -142,6 +160,11 @@ def assemble_text(
             context[i, n : n + m, : t.shape[1]] = t[:m]
             total += m
             wanted += t.shape[0]
+        if width > h.shape[1]:
+            context[i, :n, h.shape[1] :] = 0
+        if t5 is not None and width > t5[i].shape[1]:
+            context[i, n:total, t5[i].shape[1] :] = 0
+        context[i, total:] = 0
         mask[i, :total] = True
         truncated += wanted > max_tokens
     return context, mask, truncated
@@ -169,17 +192,19 @@ def collate(
     sample_latents: bool,
 ) -> dict:
     """The batch dict of samples that share one group (bucket and latent shape)."""
-    means = torch.stack([s.mean for s in samples]).float()
-    if sample_latents:
-        stds = torch.stack([s.std for s in samples]).float()
-        eps = torch.empty_like(means)
-        for i, s in enumerate(samples):
+    # One pass per sample while its latent is cache-hot: eps -> eps * std + mean -> normalise.
+    latents = torch.empty((len(samples), *samples[0].mean.shape), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        z = latents[i]
+        if sample_latents:
             gen = torch.Generator().manual_seed(latent_seed(seed, s.epoch, s.key))
-            torch.randn(s.mean.shape, generator=gen, out=eps[i])
-        latents = torch.addcmul(means, stds, eps)
-    else:
-        latents = means
-    latents.sub_(shift_factor).mul_(scaling_factor)
+            torch.randn(s.mean.shape, generator=gen, out=z)
+            torch.addcmul(s.mean, s.std, z, out=z)  # mean + std * eps, in one pass
+        else:
+            z.copy_(s.mean)
+        if shift_factor:
+            z.sub_(shift_factor)
+        z.mul_(scaling_factor)
 
     with_t5 = [s.t5_hidden_states is not None for s in samples]
     if any(with_t5) and not all(with_t5):

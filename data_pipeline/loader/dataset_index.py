@@ -190,11 +190,13 @@ def load_dataset_index(directory: str | Path) -> DatasetIndex:
             raise ValueError(f"{index_path}: negative sample count for {name!r}")
         parsed[name] = (count, buckets)
 
-    shards = []
-    for shard_id, name in enumerate(sorted(parsed)):
-        count, buckets = parsed[name]
-        shards.append(ShardEntry(shard_id, name, root / name, count, buckets))
-    if sum(s.num_samples for s in shards) == 0:
+    # A shard with no samples has no work in it (and could never be "done"): leave it out.
+    names = [name for name in sorted(parsed) if parsed[name][0] > 0]
+    shards = [
+        ShardEntry(shard_id, name, root / name, *parsed[name])
+        for shard_id, name in enumerate(names)
+    ]
+    if not shards:
         raise ValueError(f"{index_path}: the dataset holds no samples")
 
     sources: list[tuple[Path, dict[str, Any]]] = [(index_path, index)]

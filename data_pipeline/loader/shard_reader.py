@@ -13,12 +13,15 @@ positions never read, which the loader counts as lost. No exception escapes.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ class RawSample:
 
     position: int
     key: str
-    files: dict[str, bytes]
+    files: dict[str, memoryview]  # extension -> the file's bytes (a view of the mapped tar)
 
 
 @dataclass
@@ -41,24 +44,45 @@ class ShardFailure:
 
 
 def iter_stored_samples(path: str | Path) -> Iterator[RawSample]:
-    """The samples of one tar in stored order, grouping consecutive files by key (the
-    WebDataset convention: ``{key}.{ext}``). Raises on any read error."""
+    """The samples of one local tar in stored order, grouping consecutive files by key (the
+    WebDataset convention, ``{key}.{ext}``, split as webdataset does). Raises on read errors.
+
+    Headers are parsed by :mod:`tarfile` in seekable mode; a member's data is a zero-copy
+    view of the file mapped into memory (a private copy-on-write mapping, so that tensors can
+    view it and nothing is ever written back). WebDataset's own streaming iterator copies each
+    member three times (10 KiB reads, a join, a slice), which made it about half as fast on
+    latent shards of SDXL size (see docs/benchmarks.md).
+    """
     with open(path, "rb") as stream:
-        key: str | None = None
-        files: dict[str, bytes] = {}
-        position = 0
-        for member in tar_file_iterator(stream):
-            prefix, ext = base_plus_ext(member["fname"])
-            if prefix is None:
-                continue
-            if prefix != key:
-                if key is not None:
-                    yield RawSample(position, key, files)
-                    position += 1
-                key, files = prefix, {}
-            files[ext] = member["data"]
-        if key is not None:
-            yield RawSample(position, key, files)
+        size = os.fstat(stream.fileno()).st_size
+        if size == 0:
+            raise tarfile.ReadError("empty file")
+        mapped = memoryview(mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY))
+        with tarfile.open(fileobj=stream, mode="r:") as archive:
+            key: str | None = None
+            files: dict[str, memoryview] = {}
+            position = 0
+            while True:
+                member = archive.next()
+                if member is None:
+                    break
+                archive.members.clear()  # the index of members is not needed
+                if not member.isreg():
+                    continue
+                prefix, ext = base_plus_ext(member.name)
+                if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
+                    continue  # not a sample file, or WebDataset metadata
+                end = member.offset_data + member.size
+                if end > size:
+                    raise tarfile.ReadError(f"{member.name}: unexpected end of data")
+                if prefix != key:
+                    if key is not None:
+                        yield RawSample(position, key, files)
+                        position += 1
+                    key, files = prefix, {}
+                files[ext] = mapped[member.offset_data : end]
+            if key is not None:
+                yield RawSample(position, key, files)
 
 
 def read_shard_shuffled(

@@ -129,6 +129,11 @@ def slot_stream(spec: StreamSpec, worker: int) -> Iterator[dict[str, Any]]:
                 if len(group) == spec.batch_size:
                     del buffers[sample.group]
                     yield _batch(group, spec, worker)
+            # The shard is finished: what is left of it in the buckets waits for other shards.
+            for pending in buffers.values():
+                for sample in pending:
+                    if sample.shard_id == shard_id and sample.epoch == epoch:
+                        sample.detach()
         if tried and not read_any:
             unreadable_epochs += 1
             if unreadable_epochs >= MAX_UNREADABLE_EPOCHS:

@@ -117,7 +117,15 @@ class TrainLoader:
                 "timeout": self.cfg.timeout_s,
             }
         pin = self.cfg.pin_memory and torch.cuda.is_available()
-        loader = DataLoader(LatentShardStream(spec), batch_size=None, pin_memory=pin, **extra)
+        # Its own generator: the DataLoader draws a base seed per iter(), which must not
+        # advance the training process's global RNG.
+        loader = DataLoader(
+            LatentShardStream(spec),
+            batch_size=None,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(self.seed),
+            **extra,
+        )
         self._active = iter(loader)
         return self._consume(self._active, self._generation)
 

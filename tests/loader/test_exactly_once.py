@@ -4,6 +4,7 @@ simulated in one process (one loader per rank, stepped in lockstep like a synchr
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -83,6 +84,18 @@ def test_batches_are_full_and_from_one_bucket(dataset):
     assert len(shapes) == 3  # all three aspect buckets occur
 
 
+def test_leftovers_are_carried_into_the_next_epoch(dataset):
+    """No sample is dropped at an epoch's end: a bucket's remainder completes a batch with
+    samples of the next epoch."""
+    (loader,) = make_loaders(dataset.root, 1, 0, batch_size=5)
+    it = iter(loader)
+    batches = [next(it) for _ in range(60)]  # 96 samples / 5: about 3 epochs
+    mixed = [b["epochs"] for b in batches if len(set(b["epochs"])) > 1]
+    assert mixed and all(sorted(set(e)) in ([0, 1], [1, 2], [2, 3]) for e in mixed)
+    seen = Counter((e, k) for b in batches for e, k in zip(b["epochs"], b["keys"]))
+    assert max(seen.values()) == 1 and len([1 for e, _ in seen if e == 0]) == 96
+
+
 def _collect(iterators, steps):
     out = [[] for _ in iterators]
     for _ in range(steps):
@@ -112,6 +125,7 @@ def test_restore_mid_epoch_continues_the_same_stream(dataset, world, workers, vi
     close(interrupted)
     del interrupted  # the restored loaders must not depend on the old processes
 
+    states = json.loads(json.dumps(states))  # states are plain JSON-ready data
     if via_merge:
         resumed = make_loaders(dataset.root, world, workers, state=merge_states(states))
     else:

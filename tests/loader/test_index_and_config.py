@@ -69,3 +69,17 @@ def test_more_slots_than_shards_is_refused(make_dataset):
     config = DataConfig(path=str(data.root), batch_size=2, num_workers=2)
     with pytest.raises(ConfigError, match="3 shards"):
         build_train_loader(config, 0, 2, 0)
+
+
+def test_empty_shards_are_left_out_and_epochs_still_finish(make_dataset):
+    from data_pipeline.loader import merge_states
+
+    data = make_dataset(num_shards=4, per_shard=[8, 0, 8, 8])
+    index = load_dataset_index(data.root)
+    assert [s.name for s in index.shards] == ["000000.tar", "000002.tar", "000003.tar"]
+    config = DataConfig(path=str(data.root), batch_size=4, num_workers=0)
+    loader = build_train_loader(config, 0, 1, 0)
+    it = iter(loader)
+    for _ in range(12):  # 24 samples, 6 batches an epoch
+        next(it)
+    assert merge_states([loader.state_dict()])["floor"] >= 1
