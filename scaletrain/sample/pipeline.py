@@ -71,6 +71,13 @@ def _image_size(export: LoadedExport, image_encoder, height: int | None, width: 
             raise ValueError(
                 f"--{name} {side} is not a multiple of the image encoder's downsampling ({f})"
             )
+    if export.arch == "unet":
+        # Each level but the last halves the latent; the up path must meet the skips again.
+        m = 2 ** (len(export.model_config.block_out_channels) - 1)
+        for name, side in (("height", h), ("width", w)):
+            if (side // f) % m:
+                raise ValueError(f"--{name} {side}: the latent side {side // f} must be a "
+                                 f"multiple of {m} (the U-Net downsamples {m}x)")
     if export.arch == "mmdit":
         p = export.model_config.patch_size
         limit = export.model_config.pos_embed_max_size * p * f

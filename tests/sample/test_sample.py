@@ -101,6 +101,8 @@ def test_encoders_that_do_not_fit_the_model_are_named(unet_export, tiny_clip_cac
         sample_images(export, ["a red circle"], steps=1, out_dir=tmp_path / "o")
     with pytest.raises(ValueError, match="--height 63 is not a multiple"):
         sample_images(unet_export, ["x"], steps=1, height=63, out_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="--width 68: the latent side 34 must be a multiple of 4"):
+        sample_images(unet_export, ["x"], steps=1, width=68, out_dir=tmp_path / "o")
 
 
 def test_cli_reads_a_prompts_file_and_reports_errors(unet_export, tmp_path, capsys):
