@@ -146,6 +146,12 @@ def test_provenance_steps_and_incomplete_checkpoints(runs, tmp_path, capsys):
     (copy / "checkpoints" / "step_000000002" / "COMPLETE").unlink()
     meta = json.loads((export(copy, tmp_path / "c") / "config.json").read_text())
     assert meta["provenance"]["step"] == 1
+    # A checkpoint without EMA shards: the EMA export says so and points at the raw weights.
+    shutil.rmtree(copy / "checkpoints" / "step_000000001" / "ema")
+    assert scaletrain_main(["export", str(copy), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert "has no EMA" in err and "--weights raw" in err
+    export(copy, tmp_path / "e", "--weights", "raw")
     assert scaletrain_main(["export", str(run), "--step", "7", "--out", str(tmp_path / "d")]) == 1
     assert "no complete checkpoint for step 7" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
