@@ -193,3 +193,43 @@ def _model_config(export_dir: Path):
     from scaletrain.export.reader import model_config_from_dict
 
     return model_config_from_dict(read_metadata(export_dir)["model"])
+
+
+def test_sampling_conditions_on_exactly_what_training_read_from_the_shards(runs, latents):
+    """The sampler's prompt encoding, rebuilt from the export's record of the encoders, is
+    bit-identical to the text tensors the preprocessing stored and the loader padded."""
+    import tarfile
+
+    from safetensors.torch import load
+
+    from data_pipeline.loader.batching import text_context
+    from scaletrain.export import load_export
+    from scaletrain.sample import PromptConditioner
+
+    loaded = load_export(_export_once(runs[2]))
+    conditioner = PromptConditioner(loaded.preprocess, loaded.max_text_tokens, loaded.arch,
+                                    loaded.diffusion.cfg_null)
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(latents / "00000.tar") as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    captions = [json.loads(s["json"])["caption"] for s in samples.values()]
+    stored = [text_context(load(s["text.safetensors"]), loaded.max_text_tokens)
+              for s in samples.values()]
+    cond = conditioner.cond(captions, 64, 64)
+    for i, ref in enumerate(stored):
+        for key in ("encoder_hidden_states", "encoder_attention_mask", "pooled"):
+            assert torch.equal(cond[key][i], ref[key]), (captions[i], key)
+    metas = [json.loads(s["json"]) for s in samples.values()]
+    assert cond["time_ids"].tolist() == [
+        [*m["original_size"], *m["crop_top_left"], *m["target_size"]] for m in metas]
+
+
+_EXPORTS: dict[Path, Path] = {}
+
+
+def _export_once(run_dir: Path) -> Path:
+    if run_dir not in _EXPORTS:
+        _EXPORTS[run_dir] = export(run_dir, run_dir.parent / f"{run_dir.name}_export")
+    return _EXPORTS[run_dir]
