@@ -96,3 +96,45 @@ def read_index(directory: str | Path) -> dict[str, Any]:
             f"{path}: no dataset index; run `scaletrain preprocess` on this directory first"
         )
     return read_json(path)
+
+
+# --------------------------------------------------------------------------- added by issue 5
+# Names below were added after the first version of this contract; nothing above changed.
+#
+# Per-sample text tensors (names inside ``{key}.text.safetensors``); batched encoder output
+# also carries the lengths, which a shard does not store (they are the first dimensions).
+HIDDEN_STATES = "hidden_states"
+POOLED = "pooled"
+T5_HIDDEN_STATES = "t5_hidden_states"
+LENGTHS = "lengths"
+T5_LENGTHS = "t5_lengths"
+# Per-shard error ledger, written with the shard; errors.jsonl is rebuilt from them.
+SHARD_LEDGER_SUFFIX = ".errors.jsonl"
+# Marker of a shard that could not be read (not complete; a rerun retries it).
+FAILED_SUFFIX = ".failed.json"
+# The full list of input shards of the run, so the index can say what is still missing.
+PLAN_NAME = "plan.json"
+
+# index.json layout (written by data_pipeline.preprocess.output.finalize_index):
+#   {"format_version": 1,
+#    "shards": [{"name": "00000.tar", "num_samples": int, "bucket_counts": {"64x64": int},
+#                "num_skipped": int, "sha256": str, "size_bytes": int}, ...],  # sorted by name
+#    "num_shards": int, "num_samples": int, "bucket_counts": {...}, "num_skipped": int,
+#    "image_encoder": {"kind", "latent_channels", "downsample", "scaling_factor",
+#                      "shift_factor", "dtype", ...},
+#    "text_encoder": {"preset", "hidden_dim", "pooled_dim", "t5_dim", "dtype", ...},
+#    "config_fingerprint": str,
+#    "complete": bool,           # every shard of plan.json has a manifest
+#    "missing": [stem, ...],     # planned shards without a manifest (not done or failed)
+#    "failed": [{"shard", "reason"}, ...]}
+# A shard's manifest ({stem}.manifest.json) holds the same per-shard fields plus the input
+# URL, its sha256 and byte count, the encoders' identities and the skip counts by reason.
+
+
+def shard_entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shard list of an index, each with ``name`` (relative to the directory) and
+    ``num_samples``; raises a clear error on an index of another format version."""
+    version = index.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"index format_version {version!r}; this code reads {FORMAT_VERSION}")
+    return list(index["shards"])

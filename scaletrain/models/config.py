@@ -1,26 +1,146 @@
 """Model configs. `arch` is the tag that picks the class in the root config's `model` section.
 
-Owned by the models component (issue 3); extend the fields here beside the code they configure.
+Defaults are the standard designs: ``UNetConfig()`` is the SDXL base U-Net and
+``MMDiTConfig()`` is SD3-medium's MMDiT (d=24) with SD3's QK-normalisation. Every stability
+option from the design notes (seeds 001/002) is a switch here whose default keeps the
+standard design, so the defaults reproduce diffusers' parameter counts exactly (see
+tests/models/test_param_counts.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 from scaletrain.config_base import require
 
+# Skip-scaling modes of the U-Net's long skips (seed 001 § 5.2):
+#   none      w_s = 1                                   (SDXL)
+#   constant  w_s = skip_constant, 1/sqrt(2) by default (score-SDE "skip_rescale", ScaleLong)
+#   per_level w_s = skip_kappa[level]                   (§ 5.2 B, "deep-small, shallow-large")
+#   log_snr   w_s = kappa_level * sigmoid(beta * (logSNR(t) - tau))   (§ 5.2 C)
+SkipScaling = Literal["none", "constant", "per_level", "log_snr"]
+
 
 @dataclass
 class UNetConfig:
-    """SDXL-style U-Net."""
+    """SDXL-style U-Net. Levels are counted from the full-resolution one (level 0)."""
 
     arch: Literal["unet"] = "unet"
     in_channels: int = 4
-    sample_size: int = 128
+    out_channels: int | None = None  # None: same as in_channels
+    sample_size: int = 128  # latent height/width the model is trained at (model-info FLOPs)
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 1280])
+    layers_per_block: int = 2
+    # Transformer depth per level; 0 = no attention at that level ("attention only at chosen
+    # levels", seed 001 § 9). The mid block uses the last level's depth.
+    transformer_layers_per_block: list[int] = field(default_factory=lambda: [0, 2, 10])
+    attention_head_dim: int = 64  # heads per level = channels // attention_head_dim
+    cross_attention_dim: int = 2048  # text hidden size (CLIP-L 768 + OpenCLIP-bigG 1280)
+    pooled_projection_dim: int = 1280  # added_cond_kwargs["text_embeds"] width
+    addition_time_embed_dim: int = 256  # sinusoidal width of each of the 6 SDXL time_ids
+    text_seq_len: int = 77  # text tokens assumed by model-info's FLOP count
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    # ResBlock time conditioning: "additive" (SDXL/DDPM: h + W e(t), then GroupNorm) or
+    # "scale_shift" (AdaGN, ADM: GN(h) * (1 + s(t)) + b(t); seed 001 § 2.2.3).
+    time_conditioning: Literal["additive", "scale_shift"] = "additive"
+    # Zero-init the last conv of every residual branch (and each attention block's proj_out)
+    # so each block starts as the identity (seed 001 § 9, improved-diffusion's zero_module).
+    zero_init_residual: bool = False
+    skip_scaling: SkipScaling = "none"
+    skip_constant: float = 1.0 / math.sqrt(2.0)
+    skip_kappa: list[float] | None = None  # one per level (level 0 = full resolution)
+    skip_snr_beta: float = 1.0
+    skip_snr_tau: float = 0.0
+    # Variance-preserving merge (seed 001 § 5.1 step IV): y = (d + w s) / sqrt(1 + w^2),
+    # applied to the two halves of the concatenation.
+    skip_variance_preserving: bool = False
+    # The noise schedule the U-Net uses to turn its integer timestep into logSNR(t) for the
+    # log_snr skip schedule: SD's scaled-linear betas. Keep equal to the diffusion section.
+    schedule_beta_start: float = 0.00085
+    schedule_beta_end: float = 0.012
+    schedule_num_timesteps: int = 1000
+    qk_norm: bool = False  # RMSNorm per head on q and k of every attention (not in SDXL)
+    gradient_checkpointing: bool = False  # per ResBlock and per attention block
 
     def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
         require(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
+        require(
+            self.out_channels is None or self.out_channels > 0,
+            "out_channels",
+            f"must be > 0 or null, got {self.out_channels}",
+        )
+        require(levels >= 1, "block_out_channels", "needs at least one level")
+        for i, ch in enumerate(self.block_out_channels):
+            require(ch > 0, f"block_out_channels[{i}]", f"must be > 0, got {ch}")
+            require(
+                ch % self.norm_num_groups == 0,
+                f"block_out_channels[{i}]",
+                f"{ch} is not divisible by norm_num_groups={self.norm_num_groups}",
+            )
+        require(self.layers_per_block >= 1, "layers_per_block", "must be >= 1")
+        require(
+            len(self.transformer_layers_per_block) == levels,
+            "transformer_layers_per_block",
+            f"needs one entry per level ({levels}), got {len(self.transformer_layers_per_block)}",
+        )
+        require(
+            all(n >= 0 for n in self.transformer_layers_per_block),
+            "transformer_layers_per_block",
+            "entries must be >= 0",
+        )
+        require(
+            self.transformer_layers_per_block[-1] >= 1,
+            "transformer_layers_per_block",
+            "the last level must have >= 1 transformer layer (the mid block uses its depth)",
+        )
+        for i, (ch, n) in enumerate(zip(self.block_out_channels, self.transformer_layers_per_block)):
+            if n:
+                require(
+                    ch % self.attention_head_dim == 0,
+                    "attention_head_dim",
+                    f"{self.attention_head_dim} does not divide block_out_channels[{i}]={ch}",
+                )
+        require(
+            self.sample_size % (2 ** (levels - 1)) == 0,
+            "sample_size",
+            f"{self.sample_size} is not divisible by 2**(levels-1) = {2 ** (levels - 1)}",
+        )
+        for name in ("cross_attention_dim", "pooled_projection_dim", "text_seq_len"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(
+            self.addition_time_embed_dim > 0 and self.addition_time_embed_dim % 2 == 0,
+            "addition_time_embed_dim",
+            "must be a positive even number",
+        )
+        require(self.block_out_channels[0] % 2 == 0, "block_out_channels[0]", "must be even")
+        if self.skip_scaling == "per_level":
+            require(self.skip_kappa is not None, "skip_kappa", "required when skip_scaling=per_level")
+        if self.skip_kappa is not None:
+            require(
+                len(self.skip_kappa) == levels,
+                "skip_kappa",
+                f"needs one value per level ({levels}), got {len(self.skip_kappa)}",
+            )
+        require(self.skip_snr_beta > 0, "skip_snr_beta", "must be > 0")
+        require(
+            0 < self.schedule_beta_start < self.schedule_beta_end < 1,
+            "schedule_beta_start",
+            "need 0 < schedule_beta_start < schedule_beta_end < 1",
+        )
+        require(self.schedule_num_timesteps > 1, "schedule_num_timesteps", "must be > 1")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @property
+    def num_time_ids(self) -> int:
+        # SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w).
+        return 6
 
 
 @dataclass
@@ -29,8 +149,61 @@ class MMDiTConfig:
 
     arch: Literal["mmdit"] = "mmdit"
     depth: int = 24
+    num_heads: int | None = None  # None: = depth (SD3's sizing rule)
+    head_dim: int = 64
+    patch_size: int = 2
     in_channels: int = 16
-    sample_size: int = 128
+    out_channels: int | None = None  # None: same as in_channels
+    sample_size: int = 128  # latent height/width (base of the positional grid; model-info)
+    pos_embed_max_size: int = 192  # side of the sin-cos grid that is centre-cropped (SD3)
+    joint_attention_dim: int = 4096  # text hidden size (T5-XXL width; CLIP padded to it)
+    pooled_projection_dim: int = 2048  # CLIP-L 768 + OpenCLIP-bigG 1280 pooled
+    text_seq_len: int = 333  # text tokens (77 CLIP + 256 T5) assumed by model-info's FLOPs
+    # Stability switches (seed 001 Part III, seed 002 "SD3: QK-normalization"):
+    adaln_zero: bool = True  # zero-init modulation and output: every block starts as identity
+    qk_norm: bool = True  # RMSNorm per head on q, k (and the text stream's q, k)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # the pre-norms (no affine)
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp_ratio: float = 4.0  # GELU hidden = ratio*D; SwiGLU hidden = 2/3 of that (same params)
+    residual_scale: float = 1.0  # beta in h + beta * g * F(h) (seed 001 § 10.2)
+    layer_scale_init: float | None = None  # LayerScale (CaiT) per-channel init, e.g. 1e-4
+    norm_eps: float = 1e-6
+    gradient_checkpointing: bool = False  # per joint block
 
     def __post_init__(self) -> None:
         require(self.depth > 0, "depth", f"must be > 0, got {self.depth}")
+        require(self.num_heads is None or self.num_heads > 0, "num_heads", "must be > 0 or null")
+        require(self.head_dim > 0 and self.head_dim % 4 == 0, "head_dim", "must be a multiple of 4")
+        require(self.patch_size > 0, "patch_size", "must be > 0")
+        require(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
+        require(
+            self.out_channels is None or self.out_channels > 0, "out_channels", "must be > 0 or null"
+        )
+        require(
+            self.sample_size % self.patch_size == 0,
+            "sample_size",
+            f"{self.sample_size} is not divisible by patch_size={self.patch_size}",
+        )
+        require(
+            self.pos_embed_max_size >= self.sample_size // self.patch_size,
+            "pos_embed_max_size",
+            f"must be >= sample_size/patch_size = {self.sample_size // self.patch_size}",
+        )
+        require(self.hidden_size % 4 == 0, "head_dim", "hidden size must be divisible by 4")
+        for name in ("joint_attention_dim", "pooled_projection_dim", "text_seq_len"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.mlp_ratio > 0, "mlp_ratio", "must be > 0")
+        require(self.residual_scale > 0, "residual_scale", "must be > 0")
+        require(
+            self.layer_scale_init is None or self.layer_scale_init > 0,
+            "layer_scale_init",
+            "must be > 0 or null",
+        )
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads if self.num_heads is not None else self.depth
+
+    @property
+    def hidden_size(self) -> int:
+        return self.heads * self.head_dim

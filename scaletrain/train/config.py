@@ -1,8 +1,12 @@
-"""Configs of the training engine (issue 7): optimisation, EMA, checkpoints."""
+"""Configs of the training engine (issue 7): optimisation, EMA, checkpoints.
+
+Each dataclass is one section of the root config (``train``, ``ema``, ``checkpoint``).
+Counts are in optimizer steps unless a name says otherwise; the loop also counts samples.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from scaletrain.config_base import require
@@ -10,28 +14,102 @@ from scaletrain.config_base import require
 
 @dataclass
 class TrainConfig:
+    """Optimisation and the DeepSpeed engine."""
+
     max_steps: int = 1000
+    # AdamW (Loshchilov & Hutter 2019): decoupled weight decay.
     lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # LR: linear warm-up from 0 over warmup_steps, then constant or cosine decay to min_lr.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # global L2 norm; 0 turns clipping off
+    grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size each)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = True
+    # "auto": nccl when CUDA is available, else gloo on CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # A non-finite loss or gradient norm skips the update on every rank; this many in a row
+    # stops the run (the last good checkpoint stays).
+    max_consecutive_skips: int = 5
+    progress_bar: bool = True
+    # "real": models/diffusion/loader from config. "synthetic": a toy denoiser on random
+    # tensors, for engine tests and memory benchmarks without data or model code.
+    components: Literal["real", "synthetic"] = "real"
+    synthetic_width: int = 64  # hidden width of the synthetic toy denoiser
+    # Fault injection for tests: make rank `inject_nan_rank`'s loss NaN at these steps
+    # (0-based optimizer step index). Empty in real runs.
+    inject_nan_steps: list[int] = field(default_factory=list)
+    inject_nan_rank: int = 0
 
     def __post_init__(self) -> None:
         require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(len(self.betas) == 2, "betas", f"needs two values, got {self.betas}")
+        require(
+            all(0.0 <= b < 1.0 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}"
+        )
+        require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(
+            0.0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}"
+        )
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(
+            self.max_consecutive_skips >= 1,
+            "max_consecutive_skips",
+            f"must be >= 1, got {self.max_consecutive_skips}",
+        )
+        require(
+            all(s >= 0 for s in self.inject_nan_steps), "inject_nan_steps", "steps must be >= 0"
+        )
+        require(self.synthetic_width > 0, "synthetic_width", "must be > 0")
+        require(self.inject_nan_rank >= 0, "inject_nan_rank", "must be >= 0")
+        # DeepSpeed's plain (ZeRO-0, fp32) path applies a step with non-finite gradients;
+        # every other path skips it on all ranks, which the fault handling relies on.
+        require(
+            self.zero_stage > 0 or self.bf16,
+            "zero_stage",
+            "ZeRO stage 0 needs bf16: true (fp32 without ZeRO cannot skip non-finite steps)",
+        )
 
 
 @dataclass
 class EMAConfig:
+    """Exponential moving average of the fp32 master weights, sharded like the optimizer.
+
+    schedule:
+      constant  beta = decay
+      warmup    beta = min(decay, (1 + n) / (10 + n)), n = updates so far
+      power     EDM2 power function (Karras et al. 2024, eq. 2 and sec. 3.1):
+                beta = (1 - batch / samples)^(gamma + 1), gamma solved from sigma_rel
+    """
+
     enabled: bool = True
+    schedule: Literal["constant", "warmup", "power"] = "constant"
     decay: float = 0.9999
+    sigma_rel: float = 0.05  # relative std of the power-function profile (EDM2)
 
     def __post_init__(self) -> None:
         require(0.0 <= self.decay < 1.0, "decay", f"must be in [0, 1), got {self.decay}")
+        # sigma_rel must leave gamma > 0: sigma_rel^2 < 1/12 at gamma = 0 (EDM2 eq. 3).
+        require(
+            0.0 < self.sigma_rel < 0.28,
+            "sigma_rel",
+            f"must be in (0, 0.28), got {self.sigma_rel}",
+        )
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000
+    every: int = 1000  # optimizer steps between checkpoints
     keep_last: int = 3
+    resume: bool = True  # continue from run_dir/checkpoints/latest when present
 
     def __post_init__(self) -> None:
         require(self.every > 0, "every", f"must be > 0, got {self.every}")

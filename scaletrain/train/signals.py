@@ -1,0 +1,55 @@
+"""Preemption: a signal asks the loop to checkpoint at the next step boundary and stop.
+
+SLURM sends SIGUSR1 (``--signal=USR1@T``) or SIGTERM before killing a job; a handler only
+sets a flag, because saving inside a signal handler would interrupt collectives half-way.
+The loop all-reduces the flag (MAX) at each step boundary so every rank stops at the same
+step, saves, and returns "preempted"; the CLI then exits with EXIT_REQUEUE, which the
+launcher reads as "requeue me" (75 = EX_TEMPFAIL in sysexits.h: try again later).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REQUEUE = 75
+
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionFlag:
+    """Install handlers for SIGUSR1/SIGTERM that record the request; restore on close()."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPT_SIGNALS) -> None:
+        self.requested: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(signum)
+            # Logging from a handler is safe enough here: CPython runs handlers between
+            # bytecodes of the main thread, not truly asynchronously.
+            log.warning("received %s: will checkpoint at the next step boundary and stop",
+                        self.requested.name)
+
+    @property
+    def is_set(self) -> bool:
+        return self.requested is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionFlag:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,65 @@
+"""`scaletrain preprocess` through the real dispatcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import shard_format as sf
+from data_pipeline.synthetic import write_synthetic_shards
+from scaletrain.cli import main
+
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.yaml")
+
+
+def _overrides(cache) -> list[str]:
+    return [f"preprocess.text_encoder.tiny.cache_dir={cache}", "preprocess.progress=false"]
+
+
+def test_preprocess_command_writes_an_index_and_reports(tmp_path, tiny_cache, capsys):
+    pattern = write_synthetic_shards(tmp_path / "raw", num_shards=2, samples_per_shard=3)
+    out = tmp_path / "out"
+    argv = ["preprocess", DEMO, "--input", pattern, "--output", str(out), *_overrides(tiny_cache)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 written" in printed and "6 written" in printed and "(complete)" in printed
+    assert sf.read_index(out)["num_samples"] == 6
+    # A second run finds everything complete; --finalize-only rebuilds the index alone.
+    assert main(argv) == 0
+    assert "2 already complete" in capsys.readouterr().out
+    (out / sf.INDEX_NAME).unlink()
+    assert main(["preprocess", DEMO, "--output", str(out), "--finalize-only"]) == 0
+    assert sf.read_index(out)["complete"]
+
+
+def test_failed_shard_gives_exit_status_1(tmp_path, tiny_cache, capsys):
+    write_synthetic_shards(tmp_path / "raw", num_shards=1, samples_per_shard=2)
+    pattern = f"{tmp_path}/raw/{{00000..00001}}.tar"  # 00001 does not exist
+    argv = ["preprocess", DEMO, "--input", pattern, "--output", str(tmp_path / "out"),
+            *_overrides(tiny_cache)]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED 00001" in printed and "1 missing" in printed
+
+
+def test_usage_errors_and_dry_run(tmp_path, capsys):
+    assert main(["preprocess", DEMO, "--output", str(tmp_path)]) == 2  # no --input
+    assert main(["preprocess", DEMO, "--input", "x.tar", "--output", str(tmp_path),
+                 "preprocess.min_size=0"]) == 2
+    assert "preprocess.min_size" in capsys.readouterr().err
+    assert main(["preprocess", DEMO, "--input", "x", "--output", str(tmp_path), "--dry-run"]) == 0
+    assert "preset: tiny_clip" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_local_workers_split_the_shards(tmp_path, tiny_cache, capsys):
+    pattern = write_synthetic_shards(tmp_path / "raw", num_shards=3, samples_per_shard=2)
+    out = tmp_path / "out"
+    argv = ["preprocess", DEMO, "--input", pattern, "--output", str(out), "--workers", "2",
+            *_overrides(tiny_cache), "preprocess.decode_workers=0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "shards: 3 written" in printed and "assigned to 2 ranks" in printed
+    index = sf.read_index(out)
+    assert index["complete"] and index["num_samples"] == 6 and index["num_shards"] == 3

@@ -1,0 +1,63 @@
+"""Input expansion, output names, and rank/world from SLURM arrays, torchrun or nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline.preprocess.work import (
+    assign,
+    expand_inputs,
+    output_stem,
+    resolve_rank_world,
+    shard_table,
+)
+
+
+def test_expand_braces_lists_globs_and_pipes(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    assert expand_inputs(f"{tmp_path}/{{00000..00002}}.tar") == [
+        str(tmp_path / f"{i:05d}.tar") for i in range(3)
+    ]
+    assert expand_inputs(f"{tmp_path}/*.tar") == expand_inputs(f"{tmp_path}/{{00000..00002}}.tar")
+    assert expand_inputs(["b/{1..2}.tar::a/0.tar"]) == ["a/0.tar", "b/1.tar", "b/2.tar"]
+    assert expand_inputs("pipe:cat x/{00..01}.tar") == ["pipe:cat x/00.tar", "pipe:cat x/01.tar"]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_inputs(f"{tmp_path}/*.nothing")
+
+
+def test_output_stems():
+    assert output_stem("/data/raw/00042.tar") == "00042"
+    assert output_stem("pipe:aws s3 cp s3://bucket/shards/00042.tar -") == "00042"
+    assert output_stem("https://host/a/b/00007.tar?token=x") == "00007"
+    with pytest.raises(ValueError, match="no word of it ends in .tar"):
+        output_stem("pipe:cat something")
+    with pytest.raises(ValueError, match="both write 00001.tar"):
+        shard_table(["a/00001.tar", "b/00001.tar"])
+
+
+def test_rank_world_from_slurm_array():
+    env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert resolve_rank_world(env)[:2] == (2, 4)
+    stepped = {"SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_MAX": "30", "SLURM_ARRAY_TASK_STEP": "10"}
+    assert resolve_rank_world(stepped)[:2] == (2, 4)
+    # An array task running two srun tasks nests them.
+    nested = {**env, "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    assert resolve_rank_world(nested)[:2] == (5, 8)
+    with pytest.raises(ValueError, match="outside"):
+        resolve_rank_world({**env, "SLURM_ARRAY_TASK_ID": "9"})
+
+
+def test_rank_world_from_torchrun_or_nothing():
+    assert resolve_rank_world({"RANK": "3", "WORLD_SIZE": "4"})[:2] == (3, 4)
+    assert resolve_rank_world({}) == (0, 1, "single")
+
+
+def test_assignment_covers_every_shard_once():
+    shards = list(range(10))
+    parts = [assign(shards, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == shards
+    assert parts[0] == [0, 3, 6, 9]
+    with pytest.raises(ValueError):
+        assign(shards, 3, 3)

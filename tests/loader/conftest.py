@@ -1,0 +1,135 @@
+"""Fixtures: small latent-shard datasets written as real WebDataset tars in the documented
+layout (shard_format.encode_sample, per-shard manifests, index.json, empty prompt)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from safetensors.torch import save_file
+
+from data_pipeline.shard_format import (
+    EMPTY_PROMPT_NAME,
+    INDEX_NAME,
+    MANIFEST_SUFFIX,
+    bucket_name,
+    encode_sample,
+    write_json_atomic,
+)
+
+
+@dataclass
+class LatentDataset:
+    root: Path
+    scaling: float
+    shift: float
+    # key -> (shard name, latent dict, text dict, meta dict)
+    samples: dict[str, tuple] = field(default_factory=dict)
+    shard_keys: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.samples)
+
+
+def write_latent_dataset(
+    root: Path,
+    num_shards: int = 8,
+    per_shard: int | list[int] = 12,
+    buckets: tuple[tuple[int, int], ...] = ((64, 64), (64, 96), (96, 64)),
+    channels: int = 4,
+    text_dim: int = 16,
+    pooled_dim: int = 8,
+    t5_dim: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    zero_std: bool = False,
+    scaling: float = 0.5,
+    shift: float = 0.25,
+    seed: int = 0,
+) -> LatentDataset:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    counts = per_shard if isinstance(per_shard, list) else [per_shard] * num_shards
+    data = LatentDataset(root, scaling, shift)
+    index_shards = []
+    for shard, count in enumerate(counts):
+        name = f"{shard:06d}.tar"
+        bucket_counts: dict[str, int] = {}
+        keys = []
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(count):
+                key = f"s{shard:03d}-{i:04d}"
+                h, w = buckets[rng.randrange(len(buckets))]
+                mean = torch.randn(channels, h // 8, w // 8, generator=gen).to(dtype)
+                std = (
+                    torch.zeros_like(mean)
+                    if zero_std
+                    else (0.1 + torch.rand(channels, h // 8, w // 8, generator=gen)).to(dtype)
+                )
+                length = rng.randint(3, 9)
+                text = {
+                    "hidden_states": torch.randn(length, text_dim, generator=gen).to(dtype),
+                    "pooled": torch.randn(pooled_dim, generator=gen).to(dtype),
+                }
+                if t5_dim is not None:
+                    t5_len = rng.randint(2, 6)
+                    text["t5_hidden_states"] = torch.randn(t5_len, t5_dim, generator=gen).to(dtype)
+                meta = {
+                    "caption": f"caption {key}",
+                    "original_size": [2 * h + i, 2 * w],
+                    "crop_top_left": [i % 3, i % 5],
+                    "target_size": [h, w],
+                    "bucket": [h, w],
+                }
+                latent = {"mean": mean, "std": std}
+                sink.write(encode_sample(key, latent, text, meta))
+                data.samples[key] = (name, latent, text, meta)
+                keys.append(key)
+                b = bucket_name(h, w)
+                bucket_counts[b] = bucket_counts.get(b, 0) + 1
+        data.shard_keys[name] = keys
+        manifest = {
+            "shard": name,
+            "num_samples": count,
+            "buckets": bucket_counts,
+            "latent": {"scaling_factor": scaling, "shift_factor": shift, "dtype": str(dtype)},
+        }
+        write_json_atomic(root / (name[:-4] + MANIFEST_SUFFIX), manifest)
+        index_shards.append({"name": name, "num_samples": count, "buckets": bucket_counts})
+    index = {
+        "format_version": 1,
+        "num_samples": sum(counts),
+        "shards": index_shards,
+        "latent": {"scaling_factor": scaling, "shift_factor": shift},
+    }
+    (root / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
+    empty = {
+        "hidden_states": torch.zeros(2, text_dim, dtype=dtype),
+        "pooled": torch.zeros(pooled_dim, dtype=dtype),
+    }
+    if t5_dim is not None:
+        empty["t5_hidden_states"] = torch.zeros(1, t5_dim, dtype=dtype)
+    save_file(empty, str(root / EMPTY_PROMPT_NAME))
+    return data
+
+
+@pytest.fixture
+def make_dataset(tmp_path):
+    counter = iter(range(1000))
+
+    def make(**kwargs) -> LatentDataset:
+        return write_latent_dataset(tmp_path / f"ds{next(counter)}", **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def dataset(make_dataset) -> LatentDataset:
+    """8 shards x 12 samples, 3 aspect buckets."""
+    return make_dataset()

@@ -1,0 +1,124 @@
+"""The zero-copy readers: tar members viewed in the mapped file, safetensors viewed in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from data_pipeline.loader.shard_reader import (
+    RawSample,
+    ShardFailure,
+    iter_stored_samples,
+    read_shard_shuffled,
+)
+from data_pipeline.loader.tensor_view import load_tensors_view
+from data_pipeline.shard_format import LATENT_EXT, TEXT_EXT
+
+
+def test_tensor_view_matches_safetensors_load():
+    tensors = {
+        "bf16": torch.randn(3, 4, 5).bfloat16(),
+        "f16": torch.randn(7).half(),
+        "f32": torch.randn(2, 3),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "flag": torch.tensor([True, False]),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5),
+    }
+    blob = save(tensors, metadata={"note": "x"})
+    viewed = load_tensors_view(bytearray(blob))
+    loaded = load(blob)
+    assert set(viewed) == set(loaded)
+    for name, tensor in loaded.items():
+        assert viewed[name].dtype == tensor.dtype and torch.equal(viewed[name], tensor), name
+
+
+def test_tensor_view_is_zero_copy():
+    blob = bytearray(save({"x": torch.zeros(4)}))
+    view = load_tensors_view(blob)["x"]
+    blob[-4:] = torch.tensor([2.0]).numpy().tobytes()  # rewrite the last float in the blob
+    assert view[-1].item() == 2.0
+
+
+@pytest.mark.parametrize(
+    "blob", [b"", b"\x01\x02", (10**6).to_bytes(8, "little") + b"{}", b"\x02\0\0\0\0\0\0\0{"]
+)
+def test_tensor_view_rejects_malformed_blobs(blob):
+    with pytest.raises(ValueError):
+        load_tensors_view(bytearray(blob))
+
+
+def test_tensor_view_rejects_offsets_outside_the_blob():
+    blob = bytearray(save({"x": torch.zeros(4)}))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_tensors_view(blob[:-4])
+
+
+def test_stored_samples_view_the_shard(dataset):
+    samples = list(iter_stored_samples(dataset.root / "000002.tar"))
+    assert [s.position for s in samples] == list(range(12))
+    assert [s.key for s in samples] == dataset.shard_keys["000002.tar"]
+    for sample in samples:
+        _, latent, text, _ = dataset.samples[sample.key]
+        assert torch.equal(load_tensors_view(sample.files[LATENT_EXT])["mean"], latent["mean"])
+        assert torch.equal(load_tensors_view(sample.files[TEXT_EXT])["pooled"], text["pooled"])
+
+
+def test_garbage_in_the_middle_of_a_tar_ends_the_shard_as_a_failure(dataset):
+    path = dataset.root / "000004.tar"
+    data = bytearray(path.read_bytes())
+    # Find the 6th sample's first header and overwrite it with garbage.
+    sixth = dataset.shard_keys["000004.tar"][5].encode()
+    at = data.index(sixth) // 512 * 512
+    data[at : at + 512] = b"\xff" * 512
+    path.write_bytes(bytes(data))
+    items = list(read_shard_shuffled(path, 12, 64, seed=0))
+    delivered = sorted(i.position for i in items if isinstance(i, RawSample))
+    failure = items[-1]
+    assert isinstance(failure, ShardFailure)
+    assert delivered == list(range(len(delivered))) and 0 < len(delivered) <= 5
+    assert failure.unread == list(range(len(delivered), 12))
+
+
+def _open_tars(root) -> int:
+    import os
+
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return sum(link.startswith(str(root)) and link.endswith(".tar") for link in links)
+
+
+def test_carried_leftovers_do_not_keep_their_shards_mapped(make_dataset):
+    """Six buckets and batches of 8: leftovers of many shards wait in the buckets. Only the
+    shard being read may stay mapped (Python's mmap holds a duplicate file descriptor)."""
+    from data_pipeline.loader import DataConfig, build_train_loader
+
+    buckets = tuple((64, 64 + 32 * i) for i in range(6))
+    data = make_dataset(num_shards=8, per_shard=12, buckets=buckets)
+    config = DataConfig(path=str(data.root), batch_size=8, num_workers=0)
+    loader = build_train_loader(config, 0, 1, 0)
+    it = iter(loader)
+    most = 0
+    for _ in range(30):  # 96 samples / 8 = 12 batches an epoch: 2.5 epochs
+        next(it)
+        most = max(most, _open_tars(data.root))
+    assert most <= 2
+
+
+def test_the_loader_leaves_the_global_rng_alone(dataset):
+    from data_pipeline.loader import DataConfig, build_train_loader
+
+    config = DataConfig(path=str(dataset.root), batch_size=4, num_workers=0)
+    loader = build_train_loader(config, 0, 1, 0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    next(iter(loader))
+    next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)
