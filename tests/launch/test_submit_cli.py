@@ -16,6 +16,7 @@ from launch.submit import (
     parse_slurm_time,
     preprocess_parameters,
     training_parameters,
+    wandb_info,
 )
 from scaletrain import cli
 from scaletrain.config_base import ConfigError
@@ -144,6 +145,16 @@ def test_preprocess_and_finalize_parameters():
     assert "gpus_per_node" not in f and f["time"] == 60 and f["job_name"] == "enc-index"
     t = training_parameters(SlurmConfig(gpus_per_node=0, tasks_per_node=2))
     assert t["ntasks_per_node"] == 2 and "gpus_per_node" not in t
+
+
+def test_wandb_info_names_the_run_like_the_trainer(tmp_path):
+    from scaletrain.config import load_config
+
+    cfg = load_config(None, ["logging.wandb_project=proj"])
+    info = wandb_info(cfg, tmp_path / "exp7")
+    assert info["name"] == "exp7"  # the run directory's name unless logging.run_name is set
+    assert info["dir"] == str(tmp_path / "exp7" / "wandb")
+    assert info["project"] == "proj"
 
 
 def test_records_append_and_read(tmp_path):
