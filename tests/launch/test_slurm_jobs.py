@@ -231,3 +231,31 @@ def test_preprocessing_job_array_over_four_shards(slurm_cluster, tmp_path):
 def _preprocess_logs(out: Path) -> str:
     return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
                      for p in sorted((out / "slurm").glob("*/*_log.*")))
+
+
+def test_hand_written_sbatch_template_trains_and_requeues_itself(
+        slurm_cluster, deepspeed_ops_built, train_config, tmp_path):
+    """slurm/train.sbatch, submitted by hand: srun + `scaletrain train`; on SIGUSR1 the
+    tasks checkpoint and exit 75, and the script requeues the job, which resumes."""
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0",
+         "--cpus-per-task=1", "--time=60", f"--output={tmp_path}/job-%j.out",
+         str(REPO / "slurm" / "train.sbatch"), str(train_config), str(run_dir)],
+        env=_env(), capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    job_id = out.stdout.strip().split(";")[0]
+    log = tmp_path / f"job-{job_id}.out"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert live_state(job_id) is not None, log.read_text() if log.exists() else "no log"
+        assert time.monotonic() < deadline, "no checkpoint yet"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=_env())
+    state = wait_for_terminal(job_id, timeout=JOB_TIMEOUT)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    assert accounting_states(job_id, all_runs=True) == ["REQUEUED", "COMPLETED"]
+    assert "exit code 75" in text and f"requeuing job {job_id}" in text, text
+    assert "restart 1" in text and "resumed from" in text, text
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:09d}"
