@@ -77,7 +77,9 @@ def draw_shape(
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in _angles(3, -math.pi / 2)]
         draw.polygon(pts, fill=colour)
     elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=colour)
+        draw.polygon(
+            [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=colour
+        )
     elif shape == "star":
         pts = []
         for i, a in enumerate(_angles(10, -math.pi / 2)):
@@ -131,8 +133,9 @@ def write_synthetic_shards(
     for shard in range(num_shards):
         path = out_dir / f"{shard:05d}.tar"
         tmp = path.with_name(path.name + ".tmp")
-        # mtime fixed: the same seed gives byte-identical shards.
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
+        # mtime fixed (an int: a float mtime costs an extra pax header per file): the same
+        # seed gives byte-identical shards.
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
             for index in range(samples_per_shard):
                 spec = sample_spec(seed, shard, index)
                 key = sample_key(shard, index, digits)

@@ -23,7 +23,19 @@ from scaletrain.config import RootConfig
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Map each field of dataclass ``cls`` to the comment beside or above its declaration."""
+    """Map each field of dataclass ``cls`` to the comment beside or above its declaration.
+
+    Inherited fields take their comments from the base class that declares them, so a
+    subclass that only changes defaults keeps the descriptions.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update({k: v for k, v in _own_field_comments(klass).items() if v or k not in out})
+    return out
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

@@ -65,14 +65,14 @@ class TransformersTextModel:
             model_cls = self._model_class(family, projection)
             model = model_cls.from_pretrained(cfg.name, torch_dtype=dtype, **model_kwargs)
         except (OSError, ValueError) as exc:
-            raise OSError(f"cannot load {family} text encoder from {cfg.name}: {exc}") from exc
+            where = cfg.name + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
+            raise OSError(f"cannot load {family} text encoder from {where}: {exc}") from exc
         self.model = model.to(device).eval().requires_grad_(False)
         self.projection = projection
         self.max_length = min(cfg.max_length, self._model_max_length())
-        self.width = int(self.model.config.hidden_size if family == "clip" else self.model.config.d_model)
-        self.pooled_dim = (
-            int(self.model.config.projection_dim) if projection else self.width
-        )
+        config = self.model.config
+        self.width = int(config.hidden_size if family == "clip" else config.d_model)
+        self.pooled_dim = int(config.projection_dim) if projection else self.width
 
     @staticmethod
     def _model_class(family: str, projection: bool):
@@ -80,7 +80,9 @@ class TransformersTextModel:
 
         if family == "t5":
             return transformers.T5EncoderModel
-        return transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+        return (
+            transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+        )
 
     def _model_max_length(self) -> int:
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -201,13 +203,14 @@ class TextEncoder:
         self.clip_l = self.clip_g = self.t5 = self.tiny = None
         if self.preset == "tiny_clip":
             from data_pipeline.encoders.tiny import ensure_tiny_clip
-
-            path = ensure_tiny_clip(cfg.tiny)
             from data_pipeline.preprocess.config import TextModelConfig
 
+            # Built and saved on first use, then loaded like any transformers CLIP.
+            path = ensure_tiny_clip(cfg.tiny)
             tiny_cfg = TextModelConfig(name=str(path), max_length=cfg.tiny.max_length)
             self.tiny = TransformersTextModel(tiny_cfg, "clip", True, self.device, compute)
-            self.hidden_dim, self.pooled_dim, self.t5_dim = self.tiny.width, self.tiny.pooled_dim, None
+            self.hidden_dim, self.pooled_dim = self.tiny.width, self.tiny.pooled_dim
+            self.t5_dim = None
         elif self.preset in ("sdxl", "sd3"):
             sd3 = self.preset == "sd3"
             self.clip_l = _load(cfg.clip_l, "clip", sd3, self.device, compute)
@@ -236,8 +239,10 @@ class TextEncoder:
             # The two CLIPs share OpenAI's BPE, so their lengths agree for real models; the
             # max keeps every real token of either if a custom pair does not.
             lengths = torch.maximum(a.lengths, b.lengths)
-            width = int(lengths.max()) if not self.full_length else max(
-                a.states.shape[1], b.states.shape[1]
+            width = (
+                int(lengths.max())
+                if not self.full_length
+                else max(a.states.shape[1], b.states.shape[1])
             )
             states = torch.cat([_fit(a.states, width), _fit(b.states, width)], dim=-1)
             pooled = b.pooled if self.t5 is None else torch.cat([a.pooled, b.pooled], dim=-1)

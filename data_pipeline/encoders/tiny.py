@@ -149,7 +149,13 @@ def tiny_open_clip_model_config(width: int = 32, layers: int = 2, embed_dim: int
     """An open_clip model config with a tiny text tower (and a token vision tower)."""
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 16,
+            "head_width": 8,
+            "patch_size": 8,
+        },
         "text_cfg": {
             "context_length": 77,
             "vocab_size": 49408,  # open_clip's bundled BPE tokenizer
@@ -195,7 +201,11 @@ def save_tiny_open_clip(
         json.dumps({"model_cfg": model_cfg}, indent=1), encoding="utf-8"
     )
     save_file(state, str(local_dir / "open_clip_model.safetensors"))
-    return {"model_config": str(config_path), "pretrained": str(weights), "local_dir": str(local_dir)}
+    return {
+        "model_config": str(config_path),
+        "pretrained": str(weights),
+        "local_dir": str(local_dir),
+    }
 
 
 def save_tiny_vae(

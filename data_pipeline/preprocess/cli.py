@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="raw shards: a brace pattern like 'data/{00000..00099}.tar', a glob, a '::' "
         "list or a 'pipe:' URL (repeatable)",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="latent shard directory")
+    parser.add_argument("--output", metavar="DIR", help="latent shard directory (required)")
     parser.add_argument(
         "--workers", type=int, default=1, metavar="N", help="local processes, one rank each"
     )
@@ -49,16 +49,17 @@ def main(args: argparse.Namespace) -> int:
     setup_logging("INFO")
     from data_pipeline.preprocess.output import finalize_index
 
-    if args.finalize_only:
+    if args.finalize_only and args.output:
         index = finalize_index(args.output)
         _print_index(args.output, index)
         return 0 if index["complete"] else 1
     root = resolve_config(args)
     if root is None:  # --dry-run printed the config
         return 0
-    if not args.input:
-        print("scaletrain preprocess: --input PATTERN is required", file=sys.stderr)
-        return 2
+    for flag, value in (("--output DIR", args.output), ("--input PATTERN", args.input)):
+        if not value:
+            print(f"scaletrain preprocess: {flag} is required", file=sys.stderr)
+            return 2
     if args.workers < 1:
         print("scaletrain preprocess: --workers must be >= 1", file=sys.stderr)
         return 2
@@ -67,14 +68,16 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = root.preprocess
     base_rank, base_world, source = resolve_rank_world()
-    log.info("rank %d of %d (from %s), %d local worker(s)", base_rank, base_world, source,
-             args.workers)
+    log.info(
+        "rank %d of %d (from %s), %d local worker(s)", base_rank, base_world, source, args.workers
+    )
     if args.workers == 1:
         summary = _run_rank(cfg, args.input, args.output, base_rank, base_world, args.verify)
     else:
         summary = PreprocessSummary.merge(
-            run_local_workers(cfg, args.input, args.output, args.workers, base_rank,
-                              base_world, args.verify)
+            run_local_workers(
+                cfg, args.input, args.output, args.workers, base_rank, base_world, args.verify
+            )
         )
     index = finalize_index(args.output)
     print(summary.describe())
@@ -95,8 +98,9 @@ def _run_rank(cfg, inputs, output, rank, world, verify, finalize=True):
     from data_pipeline.preprocess.pipeline import preprocess_shards
 
     quiet_hub_libraries()
-    return preprocess_shards(cfg, inputs, output, rank=rank, world=world, finalize=finalize,
-                             verify=verify)
+    return preprocess_shards(
+        cfg, inputs, output, rank=rank, world=world, finalize=finalize, verify=verify
+    )
 
 
 def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, verify) -> None:
@@ -109,8 +113,7 @@ def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, ve
     rank = base_rank * workers + local
     setup_logging("INFO", rank=rank)
     try:
-        summary = _run_rank(cfg, inputs, output, rank, base_world * workers, verify,
-                            finalize=False)
+        summary = _run_rank(cfg, inputs, output, rank, base_world * workers, verify, finalize=False)
         queue.put((local, summary, None))
     except BaseException as exc:  # report, then fail this process
         queue.put((local, None, f"{type(exc).__name__}: {exc}"))

@@ -96,8 +96,9 @@ class ShardOutput:
         self.url = url
         self.final = out_dir / f"{stem}.tar"
         self.tmp = out_dir / f"{stem}.tar.tmp-{socket.gethostname()}-{os.getpid()}"
-        # Fixed mtime: the same input and config give byte-identical shards.
-        self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0.0)
+        # Fixed integer mtime: the same input and config give byte-identical shards (a float
+        # would add a pax header block to every file).
+        self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0)
         self.ledger: list[dict[str, Any]] = []
         self.bucket_counts: Counter[str] = Counter()
         self.skip_counts: Counter[str] = Counter()
@@ -113,9 +114,7 @@ class ShardOutput:
         if key is not None:
             self.skip_counts[code] += 1
 
-    def commit(
-        self, end: ShardEnd, encoders: dict[str, Any], fingerprint: str
-    ) -> dict[str, Any]:
+    def commit(self, end: ShardEnd, encoders: dict[str, Any], fingerprint: str) -> dict[str, Any]:
         """Close, rename, write ledger then manifest. Returns the manifest."""
         keyed_skips = sum(self.skip_counts.values())
         if end.num_groups != self.num_samples + keyed_skips:
@@ -163,6 +162,30 @@ def record_failure(out_dir: Path, stem: str, url: str, reason: str) -> None:
     )
 
 
+def remove_stale_temporaries(out_dir: Path, stems: list[str]) -> None:
+    """Delete temporary tars of ``stems`` left by a crashed or preempted run. Only for this
+    rank's own shards: no other process writes them."""
+    for stem in stems:
+        for tmp in out_dir.glob(f"{stem}.tar.tmp-*"):
+            log.info("removing %s, left by an interrupted run", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def check_same_config(out_dir: Path, fingerprint: str) -> None:
+    """Refuse to add shards made with another config to a directory that has some already
+    (one read of plan.json, not one per manifest: cheap for thousands of ranks)."""
+    plan = out_dir / sf.PLAN_NAME
+    if not plan.is_file():
+        return
+    previous = sf.read_json(plan).get("config_fingerprint")
+    if previous != fingerprint and next(out_dir.glob(f"*{sf.MANIFEST_SUFFIX}"), None):
+        raise FingerprintMismatch(
+            f"{out_dir} holds shards made with a different preprocess config (fingerprint "
+            f"{previous} != {fingerprint}); write to a fresh output directory, or delete the "
+            f"old shards to redo them"
+        )
+
+
 def write_plan(out_dir: Path, table: list[tuple[str, str]], fingerprint: str) -> None:
     atomic_write_json(
         out_dir / sf.PLAN_NAME,
@@ -173,18 +196,39 @@ def write_plan(out_dir: Path, table: list[tuple[str, str]], fingerprint: str) ->
     )
 
 
+def _manifest_state(out_dir: Path) -> list[tuple[str, int]]:
+    """Names and mtimes of the files the index is built from (a cheap change detector)."""
+    state = []
+    for pattern in (f"*{sf.MANIFEST_SUFFIX}", f"*{sf.FAILED_SUFFIX}"):
+        for path in out_dir.glob(pattern):
+            try:
+                state.append((path.name, path.stat().st_mtime_ns))
+            except FileNotFoundError:  # removed while we looked
+                continue
+    return sorted(state)
+
+
 def finalize_index(output_dir: str | Path) -> dict[str, Any]:
     """(Re)build ``index.json`` and ``errors.jsonl`` from the manifests and ledgers on disk.
 
     Lists every complete shard (manifest present, tar of the recorded size), and says which
     planned shards are missing and which failed. Safe to run at any time, by any number of
-    processes: it only reads manifests and rewrites two files atomically.
+    processes: it only reads manifests and replaces two files atomically. Two ranks that
+    finish together cannot leave a stale index: each rescans after writing and rebuilds if a
+    manifest appeared meanwhile, so the last write always saw every earlier manifest.
     """
     out_dir = Path(output_dir)
+    for _ in range(10):
+        before = _manifest_state(out_dir)
+        index = _build_index(out_dir)
+        if _manifest_state(out_dir) == before:
+            break
+    return index
+
+
+def _build_index(out_dir: Path) -> dict[str, Any]:
     plan_path = out_dir / sf.PLAN_NAME
-    planned = (
-        [s["shard"] for s in sf.read_json(plan_path)["shards"]] if plan_path.is_file() else []
-    )
+    planned = [s["shard"] for s in sf.read_json(plan_path)["shards"]] if plan_path.is_file() else []
     shards, ledger_lines, failed = [], [], []
     totals: Counter[str] = Counter()
     fingerprints, encoders = set(), {}
@@ -224,8 +268,12 @@ def finalize_index(output_dir: str | Path) -> dict[str, Any]:
         failed.append({"shard": info["shard"], "reason": info["reason"]})
         ledger_lines.append(
             json.dumps(
-                {"shard": info["shard"], "key": None, "code": "shard_failed",
-                 "reason": info["reason"]},
+                {
+                    "shard": info["shard"],
+                    "key": None,
+                    "code": "shard_failed",
+                    "reason": info["reason"],
+                },
                 sort_keys=True,
             )
         )

@@ -27,8 +27,10 @@ from data_pipeline.preprocess.config import PreprocessConfig, output_fingerprint
 from data_pipeline.preprocess.output import (
     ShardOutput,
     atomic_write,
+    check_same_config,
     finalize_index,
     record_failure,
+    remove_stale_temporaries,
     shard_is_complete,
     write_plan,
 )
@@ -175,6 +177,7 @@ def preprocess_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = output_fingerprint(cfg)
     table = shard_table(expand_inputs(inputs))
+    check_same_config(out_dir, fingerprint)
     write_plan(out_dir, table, fingerprint)
     mine = assign(table, rank, world)
     todo = [(s, u) for s, u in mine if not shard_is_complete(out_dir, s, fingerprint, verify)]
@@ -182,8 +185,14 @@ def preprocess_shards(
     summary.shards_already_complete = len(mine) - len(todo)
     log.info(
         "rank %d/%d: %d shards assigned, %d already complete, %d to do -> %s",
-        rank, world, len(mine), summary.shards_already_complete, len(todo), out_dir,
+        rank,
+        world,
+        len(mine),
+        summary.shards_already_complete,
+        len(todo),
+        out_dir,
     )
+    remove_stale_temporaries(out_dir, [stem for stem, _ in todo])
     if todo:
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
@@ -193,6 +202,7 @@ def preprocess_shards(
     summary.seconds = time.perf_counter() - start
     if finalize:
         finalize_index(out_dir)
+    log.info("rank %d/%d done:\n%s", rank, world, summary.describe())
     return summary
 
 
@@ -206,14 +216,18 @@ class _ShardRun:
         self.fingerprint = fingerprint
         self.summary = summary
         self.open: dict[str, ShardOutput] = {}
+        self.ends: dict[str, list[ShardEnd]] = {}  # shard -> ends of its parts so far
         self.buffers: dict[str, dict[tuple[int, int], list[Prepared]]] = defaultdict(dict)
         self.reasons: Counter[str] = Counter()
+        self.pending = 0  # samples waiting in buffers
+        # Bound on waiting samples (memory): a few full batches per decoding worker.
+        self.max_pending = 4 * cfg.batch_size * max(1, cfg.decode_workers)
         self.rank = rank
         self.num_shards = num_shards
         self.bar = _progress(cfg.progress, rank, num_shards)
 
     def run(self, todo: list[tuple[str, str]]) -> None:
-        workers = min(self.cfg.decode_workers, len(todo))
+        workers = self.cfg.decode_workers
         loader = DataLoader(
             RawShardDataset(todo, self.cfg),
             batch_size=None,
@@ -232,22 +246,36 @@ class _ShardRun:
         self.summary.skipped_by_reason = {k: v for k, v in sorted(self.reasons.items()) if v}
 
     def handle(self, msg) -> None:
+        if isinstance(msg, ShardBegin):
+            if msg.stem not in self.ends:
+                self.open[msg.stem] = ShardOutput(self.out_dir, msg.stem, msg.url)
+                self.ends[msg.stem] = []
+            return
+        if msg.stem not in self.open:
+            return  # a part of a shard that already failed: its samples are discarded
         if isinstance(msg, Prepared):
             bucket = tuple(msg.meta["bucket"])
             pending = self.buffers[msg.stem].setdefault(bucket, [])
             pending.append(msg)
+            self.pending += 1
             if len(pending) >= self.cfg.batch_size:
                 self.flush(msg.stem, bucket)
+            elif self.pending > self.max_pending:
+                # Many buckets x many open shards could hold thousands of images waiting
+                # for full batches; past the cap, encode the fullest buffer as it is.
+                stem, bucket = max(
+                    ((st, b) for st, bs in self.buffers.items() for b in bs),
+                    key=lambda sb: len(self.buffers[sb[0]][sb[1]]),
+                )
+                self.flush(stem, bucket)
         elif isinstance(msg, Skipped):
             self.open[msg.stem].skip(msg.key, msg.code, msg.reason)
             if msg.key is not None:
                 self.summary.samples_skipped += 1
                 self.reasons[msg.code] += 1
                 self._tick(1)
-        elif isinstance(msg, ShardBegin):
-            self.open[msg.stem] = ShardOutput(self.out_dir, msg.stem, msg.url)
         elif isinstance(msg, ShardEnd):
-            self.end_shard(msg)
+            self.end_part(msg)
         else:  # pragma: no cover - a programming error
             raise TypeError(f"unexpected message {type(msg).__name__}")
 
@@ -255,37 +283,53 @@ class _ShardRun:
         items = self.buffers[stem].pop(bucket, [])
         if not items:
             return
+        self.pending -= len(items)
         shard = self.open[stem]
         for it, (latent, text) in zip(items, self.encoders.encode(items)):
             shard.write(sf.encode_sample(it.key, latent, text, it.meta), bucket)
         self.summary.samples_written += len(items)
         self._tick(len(items))
 
-    def end_shard(self, end: ShardEnd) -> None:
-        if end.failed:
+    def end_part(self, end: ShardEnd) -> None:
+        ends = self.ends[end.stem]
+        ends.append(end)
+        if end.failed and end.stem in self.open:
             # Not committed: no manifest, so a rerun retries it. What was encoded for it
-            # goes with the temporary tar.
+            # goes with the temporary tar; its other parts' messages are dropped.
             log.error("shard %s failed: %s", end.stem, end.failed)
-            self.buffers.pop(end.stem, None)
+            self.pending -= sum(len(v) for v in self.buffers.pop(end.stem, {}).values())
             shard = self.open.pop(end.stem)
             self.summary.samples_skipped -= sum(shard.skip_counts.values())
-            self.reasons.subtract(shard.skip_counts)
             self.summary.samples_written -= shard.num_samples
+            self.reasons.subtract(shard.skip_counts)
             shard.abort()
             record_failure(self.out_dir, end.stem, end.url, end.failed)
             self.summary.shards_failed.append({"shard": end.stem, "reason": end.failed})
-        else:
+        if len(ends) < end.parts:
+            return
+        del self.ends[end.stem]
+        if end.stem in self.open:
             for bucket in sorted(self.buffers.get(end.stem, {})):
                 self.flush(end.stem, bucket)
             self.buffers.pop(end.stem, None)
+            total = ShardEnd(
+                end.stem,
+                end.url,
+                num_groups=sum(e.num_groups for e in ends),
+                input_sha256=end.input_sha256,
+                input_bytes=end.input_bytes,
+                tar_problem=next((e.tar_problem for e in ends if e.tar_problem), None),
+            )
             manifest = self.open.pop(end.stem).commit(
-                end, self.encoders.identity, self.fingerprint
+                total, self.encoders.identity, self.fingerprint
             )
             self.summary.shards_done += 1
             log.info(
                 "shard %s: %d samples, %d skipped%s",
-                end.stem, manifest["num_samples"], manifest["num_skipped"],
-                f" (tar damaged: {end.tar_problem})" if end.tar_problem else "",
+                end.stem,
+                manifest["num_samples"],
+                manifest["num_skipped"],
+                f" (tar damaged: {total.tar_problem})" if total.tar_problem else "",
             )
         if self.bar is not None:
             done = self.summary.shards_done + len(self.summary.shards_failed)
@@ -300,12 +344,19 @@ class _ShardRun:
 def _progress(enabled: bool, rank: int, total_shards: int):
     if not enabled:
         return None
+    import os
+    import sys
+
     from tqdm import tqdm
 
+    interactive = sys.stderr.isatty()
+    local = os.environ.get("LOCAL_RANK", "")
     return tqdm(
         desc=f"rank {rank} shards 0/{total_shards}",
         unit=" samples",
-        position=rank if rank < 8 else None,
+        # Local processes sharing a terminal each get their own line.
+        position=int(local) if local.isdigit() and interactive else None,
         dynamic_ncols=True,
-        mininterval=0.5,
+        # A SLURM log is a file: a line every 30 s, not a redraw every half second.
+        mininterval=0.5 if interactive else 30.0,
     )

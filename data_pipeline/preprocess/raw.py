@@ -98,7 +98,9 @@ def open_url(url: str):
     return open(url, "rb")
 
 
-def iter_raw_samples(url: str, stats: StreamStats | None = None) -> Iterator[RawSample | TarProblem]:
+def iter_raw_samples(
+    url: str, stats: StreamStats | None = None
+) -> Iterator[RawSample | TarProblem]:
     """Yield the sample groups of one raw shard in archive order (see module docstring)."""
     stats = stats if stats is not None else StreamStats()
     try:
@@ -133,7 +135,8 @@ def iter_raw_samples(url: str, stats: StreamStats | None = None) -> Iterator[Raw
                     current.files[ext] = data
         except tarfile.ReadError as exc:
             problem = TarProblem(
-                "truncated_tar" if "end of data" in str(exc) or "truncated" in str(exc)
+                "truncated_tar"
+                if "end of data" in str(exc) or "truncated" in str(exc)
                 else "corrupt_tar",
                 f"tar archive unreadable after {stats.num_members} members "
                 f"({stream.count} bytes): {exc}",

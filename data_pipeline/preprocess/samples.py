@@ -1,11 +1,15 @@
 """Raw sample -> bucket-sized RGB pixels + caption + micro-conditioning, or a skip record.
 
 :class:`RawShardDataset` runs this in DataLoader workers, so decoding and resizing overlap
-the encoders in the main process. Each worker takes whole shards (shard i goes to worker
-i mod W) and emits, per shard, a :class:`ShardBegin`, one :class:`Prepared` or
-:class:`Skipped` per sample group, and a :class:`ShardEnd` with the shard's accounting.
-Messages carry numpy arrays, not tensors: they are pickled through the worker's pipe, which
-keeps no file descriptor open per buffered sample.
+the encoders in the main process. Work units are whole shards (unit i goes to worker i mod
+W); when a rank has fewer shards than workers, each shard is split into parts: every part
+reads the whole tar (cheap next to decoding) but prepares only the sample groups g with
+g mod parts == part, so one big shard still keeps every worker busy.
+
+Each unit emits a :class:`ShardBegin`, one :class:`Prepared` or :class:`Skipped` per sample
+group it owns, and a :class:`ShardEnd` with its accounting; the main process commits a
+shard when all of its parts have ended. Messages carry numpy arrays, not tensors: they are
+pickled through the worker's pipe, which keeps no file descriptor open per buffered sample.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ CAPTION_EXT = "txt"
 class ShardBegin:
     stem: str
     url: str
+    parts: int = 1  # units this shard is split into (each sends a ShardBegin and ShardEnd)
 
 
 @dataclass
@@ -64,7 +69,9 @@ class Skipped:
 class ShardEnd:
     stem: str
     url: str
-    num_groups: int = 0  # sample groups read (each ends as Prepared or Skipped)
+    part: int = 0
+    parts: int = 1
+    num_groups: int = 0  # sample groups of this part (each ends as Prepared or Skipped)
     input_sha256: str = ""
     input_bytes: int = 0
     tar_problem: str | None = None  # the archive was damaged (data kept up to the damage)
@@ -102,7 +109,9 @@ class SamplePreparer:
             raise SkipSample("not_a_sample", "tar member has no extension, not a sample file")
         image_ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
         if image_ext is None:
-            raise SkipSample("missing_image", f"no image file (.jpg/.jpeg/.png/.webp); has {present}{cut}")
+            raise SkipSample(
+                "missing_image", f"no image file (.jpg/.jpeg/.png/.webp); has {present}{cut}"
+            )
         if CAPTION_EXT not in raw.files:
             raise SkipSample("missing_caption", f"no caption file (.txt); has {present}{cut}")
         caption = _decode_caption(raw.files[CAPTION_EXT], cfg.allow_empty_captions)
@@ -162,31 +171,48 @@ def _source_url(data: bytes | None) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def iter_shard(stem: str, url: str, preparer: SamplePreparer) -> Iterator[Any]:
-    """Messages for one shard: ShardBegin, Prepared/Skipped per group, ShardEnd."""
-    yield ShardBegin(stem, url)
-    end = ShardEnd(stem, url)
+def iter_shard(
+    stem: str, url: str, preparer: SamplePreparer, part: int = 0, parts: int = 1
+) -> Iterator[Any]:
+    """Messages for one shard (or one part of it): ShardBegin, Prepared/Skipped per sample
+    group of this part, ShardEnd. Part 0 also reports damage to the tar itself."""
+    yield ShardBegin(stem, url, parts)
+    end = ShardEnd(stem, url, part, parts)
     stats = StreamStats()
     seen: set[str] = set()
+    group = -1
     try:
         for item in iter_raw_samples(url, stats):
             if isinstance(item, TarProblem):
                 end.tar_problem = item.reason
-                yield Skipped(stem, None, item.code, item.reason)
+                if part == 0:
+                    yield Skipped(stem, None, item.code, item.reason)
+                continue
+            group += 1
+            duplicate = item.key in seen
+            seen.add(item.key)  # every part tracks every key, to agree on duplicates
+            if group % parts != part:
                 continue
             end.num_groups += 1
-            if item.key in seen:
+            if duplicate:
                 yield Skipped(
-                    stem, item.key, "duplicate_key",
+                    stem,
+                    item.key,
+                    "duplicate_key",
                     "key appears again later in the shard (its files are not consecutive)",
                 )
                 continue
-            seen.add(item.key)
             yield preparer(stem, item)
     except ShardReadError as exc:
         end.failed = str(exc)
     end.input_sha256, end.input_bytes = stats.sha256, stats.num_bytes
     yield end
+
+
+def work_units(shards: list[tuple[str, str]], workers: int) -> list[tuple[str, str, int, int]]:
+    """(stem, url, part, parts) units: whole shards, or parts when workers outnumber them."""
+    parts = max(1, workers // len(shards)) if shards else 1
+    return [(stem, url, p, parts) for stem, url in shards for p in range(parts)]
 
 
 class RawShardDataset(IterableDataset):
@@ -202,8 +228,8 @@ class RawShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         set_pixel_limit(self.cfg.max_image_pixels)
         preparer = SamplePreparer(self.cfg)
-        for stem, url in self.shards[worker::workers]:
-            yield from iter_shard(stem, url, preparer)
+        for stem, url, part, parts in work_units(self.shards, workers)[worker::workers]:
+            yield from iter_shard(stem, url, preparer, part, parts)
 
 
 def worker_init(_: int) -> None:

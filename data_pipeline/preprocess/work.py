@@ -50,7 +50,9 @@ def expand_inputs(patterns: str | list[str]) -> list[str]:
 
 
 def _is_url(url: str) -> bool:
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url)) and not re.match(r"^[A-Za-z]:[\\/]", url)
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", url)) and not re.match(
+        r"^[A-Za-z]:[\\/]", url
+    )
 
 
 def output_stem(url: str) -> str:

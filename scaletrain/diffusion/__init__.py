@@ -10,7 +10,11 @@ Sampling::
 
     sampler = build_sampler(cfg.diffusion)                     # defaults from the config
     uncond = make_uncond(cond, cfg.diffusion.cfg_null, empty_prompt)
-    x0 = sampler(model_fn, (B, C, H, W), cond, uncond, guidance_scale=5.0, generator=g)
+    x0 = sampler(model_fn, (B, C, H, W), cond, uncond, generator)   # or initial noise x_T
+    x0 = sampler(model_fn, x_T, cond, uncond, generator, guidance_scale=7.0, steps=50)
+
+The uncond dict must be built the way training dropped the prompt (``cfg_null``): zeros, or
+the empty-prompt encoding; :func:`make_uncond` does exactly that.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ that a sampler built from a run's config matches how the model was trained.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal, get_args, get_origin
 
 from scaletrain.config_base import require
 
@@ -110,6 +111,15 @@ class DiffusionConfig:
         return "euler" if self.is_flow else "ddim"
 
     def __post_init__(self) -> None:
+        # Literal fields are checked by the YAML loader; check them here too for direct use.
+        for f in fields(self):
+            allowed = get_args(_HINTS[f.name]) if get_origin(_HINTS[f.name]) is Literal else ()
+            value = getattr(self, f.name)
+            require(
+                not allowed or value in allowed,
+                f.name,
+                f"got {value!r}; allowed: " + ", ".join(map(repr, allowed)),
+            )
         require(
             self.num_train_timesteps > 1,
             "num_train_timesteps",
@@ -197,3 +207,6 @@ class DiffusionConfig:
             "eta",
             "flow samplers are deterministic ODE solvers; eta must be 0",
         )
+
+
+_HINTS = typing.get_type_hints(DiffusionConfig)

@@ -10,11 +10,16 @@ per sample (shape [B], float32) so the trainer can bucket the loss by timestep.
 Timesteps passed to the model: discrete schedules the integer index 0..T-1 (as float), rectified
 flow t * 1000 (the SD3 / diffusers convention). ``logs["timesteps"]`` is always in [0, 1]
 (index / (T-1), or t) with 1 the noisiest.
+
+``logs`` (each a [B] tensor on the loss's device): ``timesteps``, ``model_timesteps``,
+``loss_unweighted`` (the plain MSE), ``loss_weight``, and ``cfg_dropped_text`` /
+``cfg_dropped_pooled`` / ``cfg_dropped_time_ids`` (bool).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,14 +42,14 @@ from scaletrain.diffusion.timesteps import (
 from scaletrain.diffusion.weighting import loss_weights
 
 
+@dataclass
 class TimePoints:
-    """Where on the noise process each sample of a batch sits."""
+    """Where on the noise process each sample of a batch sits (all [B], float64, CPU)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, unit: torch.Tensor, model: torch.Tensor):
-        self.a = a  # signal coefficient [B], float64
-        self.b = b  # noise coefficient [B], float64
-        self.unit = unit  # normalised timestep in [0, 1], 1 = noisiest [B], float64
-        self.model = model  # the timestep the model is given [B], float64
+    a: torch.Tensor  # signal coefficient of x_t = a x0 + b eps
+    b: torch.Tensor  # noise coefficient
+    unit: torch.Tensor  # normalised timestep in [0, 1], 1 = noisiest (logged as "timesteps")
+    model: torch.Tensor  # the timestep the model is given
 
 
 class Objective:
@@ -144,14 +149,16 @@ class Objective:
         mse = (pred.float() - target).square().mean(dim=dims)
         weight = self.weights(points).to(device=mse.device, dtype=mse.dtype)
         loss = weight * mse
+        # Every log is a [B] tensor on the loss's device, so the trainer can bucket the loss
+        # by timestep without a device transfer.
         logs = {
-            "timesteps": points.unit.float(),
-            "model_timesteps": points.model.float(),
+            "timesteps": points.unit.to(device=mse.device, dtype=torch.float32),
+            "model_timesteps": model_t,
             "loss_unweighted": mse.detach(),
             "loss_weight": weight.detach(),
-            "cfg_dropped_text": dropped["text"],
-            "cfg_dropped_pooled": dropped["pooled"],
-            "cfg_dropped_time_ids": dropped["time_ids"],
+            "cfg_dropped_text": dropped["text"].to(mse.device),
+            "cfg_dropped_pooled": dropped["pooled"].to(mse.device),
+            "cfg_dropped_time_ids": dropped["time_ids"].to(mse.device),
         }
         return loss, logs
 

@@ -1,7 +1,8 @@
 """Samplers: from noise to x0 with a trained ``model_fn``, with classifier-free guidance.
 
     sampler = build_sampler(cfg)                       # scaletrain.diffusion
-    x0 = sampler(model_fn, (B, C, H, W), cond, uncond, guidance_scale=5.0, generator=g)
+    x0 = sampler(model_fn, (B, C, H, W), cond, uncond, generator)   # config defaults
+    x0 = sampler(model_fn, x_T, cond, uncond, generator, guidance_scale=7.0, steps=50)
 
 All samplers view the process as x_t = a x0 + b eps and, at each step, turn the (guided)
 prediction into (x0_hat, eps_hat) (parameterization.py). Then:
@@ -45,6 +46,18 @@ KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 def _gaussian(shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next (VE noise levels;
+    k-diffusion ``get_ancestral_step``): step deterministically to sigma_down, then add fresh
+    noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2. eta = 1 adds the
+    DDPM posterior's noise, sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2."""
+    if eta == 0:
+        return sigma_next, 0.0
+    ratio = 1.0 if math.isinf(sigma) else 1 - sigma_next**2 / sigma**2
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(ratio, 0.0)))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
 class GuidedModel:
@@ -127,19 +140,22 @@ class Sampler:
         noise: torch.Tensor | Sequence[int],
         cond: Mapping[str, torch.Tensor] | None = None,
         uncond: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
         *,
         guidance_scale: float | None = None,
         guidance_rescale: float | None = None,
         steps: int | None = None,
-        generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """x0 samples. ``noise`` is the initial x_T (a tensor) or its shape, drawn N(0, I) from
-        ``generator`` on the generator's device and moved to ``device``."""
+        ``generator`` on the generator's device, then moved to ``device`` (default: the
+        device of the conditioning tensors, if any)."""
         if isinstance(noise, torch.Tensor):
             x = noise.float()
         else:
             x = _gaussian(noise, generator)
+        if device is None and cond:
+            device = next(iter(cond.values())).device
         if device is not None:
             x = x.to(device)
         predict = GuidedModel(
@@ -265,13 +281,7 @@ class EulerSampler(Sampler):
             x0, eps = self.denoise(predict, x, sigma, t)
             if sigma_next == 0:
                 return x0
-            sigma_up = 0.0
-            if self.eta > 0:
-                # k-diffusion get_ancestral_step: the variance that ancestral sampling removes
-                # from the deterministic step and adds back as fresh noise.
-                ratio = 1.0 if math.isinf(sigma) else 1 - sigma_next**2 / sigma**2
-                sigma_up = min(sigma_next, self.eta * sigma_next * math.sqrt(max(ratio, 0.0)))
-            sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+            sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
             # VE Euler step: x/a + (sigma_down - sigma) eps_hat = x0_hat + sigma_down eps_hat.
             x_ve = x0 + sigma_down * eps
             if sigma_up > 0:

@@ -3,7 +3,7 @@
 Public API::
 
     model = build_model(cfg)                  # cfg: UNetConfig | MMDiTConfig, on CPU
-    model = build_model(cfg, device="meta")   # no memory: for ZeRO-3 or FLOP counting
+    model = build_model(cfg, device="meta")   # no memory: FLOP counting, deferred init
     materialize_(model, device="cuda", dtype=torch.bfloat16)   # later, module by module
     model.config                              # the config dataclass
     model.set_gradient_checkpointing(True)
@@ -42,18 +42,23 @@ def build_model(
 ) -> nn.Module:
     """Build the model ``cfg.arch`` names; ``model.config`` is ``cfg``.
 
-    The module tree is always constructed on the meta device (no memory, instant even for
-    8B parameters). Unless ``device == "meta"``, each submodule is then allocated on
-    ``device`` and initialised in turn (:func:`materialize_`), so no single allocation ever
-    holds all the weights. Initialisation is deterministic given torch's RNG state.
+    ``device="meta"``: no memory at all, instant even for 8B parameters (FLOP counting,
+    or materialise later with :func:`materialize_`, module by module).
+
+    Any other device: each submodule allocates and initialises its own parameters on
+    ``device`` as it is constructed, so weights are allocated module by module, never in
+    one allocation; under DeepSpeed's ``zero.Init`` each module is partitioned right after
+    its constructor, so no rank ever holds the whole model. Initialisation is
+    deterministic given torch's RNG state and identical to building on meta and then
+    calling ``materialize_``. ``dtype`` casts floating-point parameters afterwards.
     """
     arch = getattr(cfg, "arch", None)
     if arch not in _ARCHS:
         raise ValueError(f"model.arch: got {arch!r}; allowed: " + ", ".join(map(repr, _ARCHS)))
-    with torch.device("meta"):
+    with torch.device(device):
         model = _ARCHS[arch](cfg)
-    if torch.device(device).type != "meta":
-        materialize_(model, device, dtype)
+    if dtype is not None:
+        model.to(dtype)
     return model
 
 

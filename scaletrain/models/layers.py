@@ -6,9 +6,11 @@ layout by name, and the numerics follow diffusers too (same chunk order of modul
 vectors, same GEGLU half order, same sinusoid layout), which the tests check by loading
 diffusers' weights into these modules and comparing outputs.
 
-Initialisation: every module that owns parameters directly has ``reset_parameters()``;
-a module flagged ``zero_init = True`` is zeroed after it. :func:`init_module_` applies both,
-which lets ``build_model`` materialise a meta-device model one module at a time.
+Initialisation: every module that owns parameters initialises them in its own constructor
+through ``reset_parameters()`` (zero-initialised layers are :class:`Linear` / :class:`Conv2d`
+with ``zero_init=True``). So a model is correctly initialised however it is built: directly,
+under DeepSpeed's ``zero.Init`` (which partitions each module right after its constructor),
+or on the meta device and materialised later by :func:`init_module_` one module at a time.
 """
 
 from __future__ import annotations
@@ -34,10 +36,42 @@ def init_module_(module: nn.Module) -> None:
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
         reset()
-    if getattr(module, "zero_init", False):
-        with torch.no_grad():
-            for p in module.parameters(recurse=False):
-                p.zero_()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can start at zero (AdaLN-Zero modulation, zero-init output layers).
+
+    The zeroing lives in ``reset_parameters``, which runs inside the module's own
+    constructor. That keeps it correct when an engine takes each module's parameters away
+    as soon as the module is built (DeepSpeed ZeRO-3's ``zero.Init`` partitions them right
+    after ``__init__``): initialising from a parent module afterwards would be too late.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, zero_init: bool = False):
+        object.__setattr__(self, "zero_init", zero_init)  # read by reset_parameters in __init__
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        if not self.zero_init:
+            return super().reset_parameters()
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that can start at zero; see :class:`Linear`."""
+
+    def __init__(self, *args, zero_init: bool = False, **kwargs):
+        object.__setattr__(self, "zero_init", zero_init)
+        super().__init__(*args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        if not self.zero_init:
+            return super().reset_parameters()
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 def maybe_checkpoint(enabled: bool, fn: Callable, *args):
@@ -82,8 +116,12 @@ def make_norm(kind: NormKind, dim: int, eps: float, affine: bool = False) -> nn.
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation (seed 001 § 11.1): (1 + gamma) * x + beta, fused into one op."""
-    return torch.addcmul(shift, x, 1 + scale)
+    """AdaLN modulation (seed 001 § 11.1): (1 + gamma) * x + beta.
+
+    (Plain ops: an out-of-place ``addcmul`` with a broadcast ``shift`` first copies it to the
+    full output shape, which is slower on CPU.)
+    """
+    return x * (1 + scale) + shift
 
 
 # --------------------------------------------------------------------------- time embeddings
@@ -214,9 +252,13 @@ class Attention(nn.Module):
         self.max_logit: torch.Tensor | None = None
 
     def _split(self, t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """(B, N, H*D) -> (B, H, N, D), QK-normalised first, while the view is still
+        contiguous (a norm of the transposed view would copy it)."""
         b, n, _ = t.shape
-        t = t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        return norm(t) if norm is not None else t
+        t = t.view(b, n, self.heads, self.head_dim)
+        if norm is not None:
+            t = norm(t)
+        return t.transpose(1, 2)
 
     def _attend(self, q, k, v, mask=None) -> torch.Tensor:
         if self.record_max_logit:
@@ -249,19 +291,24 @@ class Attention(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = x.shape[1]
-        q = torch.cat(
-            [self._split(self.to_q(x), self.norm_q), self._split(self.add_q_proj(c), self.norm_added_q)],
-            dim=2,
-        )
         k = torch.cat(
             [self._split(self.to_k(x), self.norm_k), self._split(self.add_k_proj(c), self.norm_added_k)],
             dim=2,
         )
         v = torch.cat([self._split(self.to_v(x), None), self._split(self.add_v_proj(c), None)], dim=2)
+        q_x = self._split(self.to_q(x), self.norm_q)
+        if self.to_add_out is None:
+            # Last block: the text stream's outputs are discarded, so its queries are never
+            # needed; each query row of attention is independent, so attending with the image
+            # queries alone gives the image stream exactly what the joint call would. The
+            # text query projection (kept: it is in SD3's layout) runs on zero tokens and joins
+            # the graph through their (exactly zero) sum, so it still gets its exactly-zero
+            # gradient, as in the reference, rather than none (which trips up some engines).
+            unused = self._split(self.add_q_proj(c[:, :0]), self.norm_added_q).sum()
+            return self.to_out[0](self._attend(q_x, k, v) + unused), None
+        q = torch.cat([q_x, self._split(self.add_q_proj(c), self.norm_added_q)], dim=2)
         out = self._attend(q, k, v)
-        out_x = self.to_out[0](out[:, :n])
-        out_c = self.to_add_out(out[:, n:]) if self.to_add_out is not None else None
-        return out_x, out_c
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
 # --------------------------------------------------------------------------- feed-forward
@@ -323,8 +370,7 @@ class AdaLayerNormZero(nn.Module):
 
     def __init__(self, dim: int, norm: NormKind = "layernorm", eps: float = 1e-6, zero_init: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 6 * dim)
-        self.linear.zero_init = zero_init
+        self.linear = Linear(dim, 6 * dim, zero_init=zero_init)
         self.norm = make_norm(norm, dim, eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor):
@@ -338,8 +384,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __init__(self, dim: int, norm: NormKind = "layernorm", eps: float = 1e-6, zero_init: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.linear.zero_init = zero_init
+        self.linear = Linear(dim, 2 * dim, zero_init=zero_init)
         self.norm = make_norm(norm, dim, eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ from scaletrain.models.layers import (
     Attention,
     FeedForward,
     LayerScale,
+    Linear,
     TimestepEmbedding,
-    init_module_,
     make_norm,
     maybe_checkpoint,
     mlp_hidden_dim,
@@ -68,7 +68,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         grid_h, grid_w = x.shape[-2] // p, x.shape[-1] // p
-        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        # (B, D, h, w) -> (B, h*w, D); made contiguous here, or every later op would inherit
+        # the transposed layout and each linear layer would copy its input.
+        tokens = self.proj(x).flatten(2).transpose(1, 2).contiguous()
         # Positions are added in float32 (as SD3 does) and the sum cast back.
         return (tokens + self.pos_embed(grid_h, grid_w, x.device)).to(tokens.dtype)
 
@@ -128,12 +130,12 @@ class JointTransformerBlock(nn.Module):
         self.ls_ff_context = LayerScale(dim, ls) if ls and not context_pre_only else None
 
     def _residual(self, h, gate, branch, layer_scale):
-        """h + beta * gate * LS(branch): one fused multiply-add."""
+        """h + beta * gate * LS(branch)."""
         if layer_scale is not None:
             branch = layer_scale(branch)
         if self.residual_scale != 1.0:
             gate = gate * self.residual_scale
-        return torch.addcmul(h, gate, branch)
+        return h + gate * branch
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor):
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, cond)
@@ -177,11 +179,8 @@ class MMDiT(DiagnosticsMixin, nn.Module):
             [JointTransformerBlock(cfg, context_pre_only=i == cfg.depth - 1) for i in range(cfg.depth)]
         )
         self.norm_out = AdaLayerNormContinuous(dim, cfg.norm, cfg.norm_eps, zero_init=cfg.adaln_zero)
-        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * self.out_channels)
         # DiT zero-initialises the final linear too, so the model's output starts at 0.
-        self.proj_out.zero_init = cfg.adaln_zero
-        for module in self.modules():
-            init_module_(module)
+        self.proj_out = Linear(dim, cfg.patch_size**2 * self.out_channels, zero_init=cfg.adaln_zero)
         self._clear_diagnostics()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

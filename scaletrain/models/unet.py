@@ -33,9 +33,10 @@ from scaletrain.models.config import UNetConfig
 from scaletrain.models.diagnostics import DiagnosticsMixin
 from scaletrain.models.layers import (
     Attention,
+    Conv2d,
     FeedForward,
+    Linear,
     TimestepEmbedding,
-    init_module_,
     maybe_checkpoint,
     time_condition,
     timestep_embedding,
@@ -56,8 +57,8 @@ class ResnetBlock2D(nn.Module):
         temb_out = 2 * out_ch if self.mode == "scale_shift" else out_ch
         self.time_emb_proj = nn.Linear(cfg.time_embed_dim, temb_out)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv2.zero_init = cfg.zero_init_residual  # block == shortcut at init
+        # zero_init_residual: the block is exactly its shortcut at init
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1, zero_init=cfg.zero_init_residual)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -96,8 +97,8 @@ class Transformer2DModel(nn.Module):
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, cfg) for _ in range(depth)])
-        self.proj_out = nn.Linear(channels, channels)
-        self.proj_out.zero_init = cfg.zero_init_residual  # attention block == identity at init
+        # zero_init_residual: the attention block is exactly the identity at init
+        self.proj_out = Linear(channels, channels, zero_init=cfg.zero_init_residual)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -177,8 +178,9 @@ class UpBlock(_Level):
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
     def forward(self, h, skips, temb, context, mask, merge):
+        """``skips``: this level's skip tensors in the order they were made (used last first)."""
         for i in range(len(self.resnets)):
-            h = merge(h, skips.pop())  # the merge stays outside any checkpointed region
+            h = merge(h, skips[-1 - i])  # the merge stays outside any checkpointed region
             h = self._layer(i, h, temb, context, mask)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h)
@@ -244,8 +246,6 @@ class UNet2DConditionModel(DiagnosticsMixin, nn.Module):
 
         self._log_snr_tables: dict[str, torch.Tensor] = {}
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        for module in self.modules():
-            init_module_(module)
         self._clear_diagnostics()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -370,5 +370,9 @@ class UNet2DConditionModel(DiagnosticsMixin, nn.Module):
             def merge(d, s, level=level):
                 return self._merge(level, weights[level], d, s)
 
-            h = block(h, skips, temb, context, mask, merge)
+            # Pass this level's skips as their own list: engines may copy a module's
+            # arguments (ZeRO-3 hooks do), so a callee popping a shared list is unsafe.
+            n = len(block.resnets)
+            mine, skips = skips[-n:], skips[:-n]
+            h = block(h, mine, temb, context, mask, merge)
         return self.conv_out(F.silu(self.conv_norm_out(h)))

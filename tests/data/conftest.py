@@ -87,15 +87,16 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def read_latent_shard(path: Path) -> dict[str, tuple[dict, dict, dict]]:
-    """key -> (latent, text, meta) of every sample of a latent shard, via webdataset."""
-    import webdataset as wds
-
+    """key -> (latent, text, meta) of every sample of a latent shard, grouped the way
+    WebDataset groups tar members (key = name up to the first dot)."""
     from data_pipeline.shard_format import decode_sample
 
-    out = {}
-    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-        out[sample["__key__"]] = decode_sample(sample)
-    return out
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tf:
+        for member in tf:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(member).read()
+    return {key: decode_sample(sample) for key, sample in samples.items()}
 
 
 # importlib import mode: test modules cannot import this file, so helpers come as fixtures.

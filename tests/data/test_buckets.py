@@ -65,12 +65,15 @@ def test_crop_keeps_the_content_it_claims():
     res = resize_and_crop(Image.fromarray(arr), (64, 64), "center", resample="bilinear")
     out = np.asarray(res.image)
     assert out[:, :28].max() < 10 and out[:, 36:].min() > 245
+
     # A crop at left=0 is all black; the recorded offset says where the crop was.
     class Zero:
         def randint(self, a, b):
             return a
 
-    left = resize_and_crop(Image.fromarray(arr), (64, 64), "random", rng=Zero(), resample="bilinear")
+    left = resize_and_crop(
+        Image.fromarray(arr), (64, 64), "random", rng=Zero(), resample="bilinear"
+    )
     assert left.crop_top_left == (0, 0) and np.asarray(left.image)[:, :60].max() < 10
 
 
@@ -84,8 +87,10 @@ def test_random_crop_is_seeded_by_key():
     assert again == offsets["a"]
     assert len(set(offsets.values())) > 1  # different keys, different crops
     assert all(top == 0 and 0 <= left <= 256 - 64 for top, left in offsets.values())
-    other_seed = {resize_and_crop(img, (64, 64), "random", crop_offset_rng(1, k)).crop_top_left
-                  for k in offsets}
+    other_seed = {
+        resize_and_crop(img, (64, 64), "random", crop_offset_rng(1, k)).crop_top_left
+        for k in offsets
+    }
     assert other_seed != set(offsets.values())
 
 

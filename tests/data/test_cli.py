@@ -36,8 +36,15 @@ def test_preprocess_command_writes_an_index_and_reports(tmp_path, tiny_cache, ca
 def test_failed_shard_gives_exit_status_1(tmp_path, tiny_cache, capsys):
     write_synthetic_shards(tmp_path / "raw", num_shards=1, samples_per_shard=2)
     pattern = f"{tmp_path}/raw/{{00000..00001}}.tar"  # 00001 does not exist
-    argv = ["preprocess", DEMO, "--input", pattern, "--output", str(tmp_path / "out"),
-            *_overrides(tiny_cache)]
+    argv = [
+        "preprocess",
+        DEMO,
+        "--input",
+        pattern,
+        "--output",
+        str(tmp_path / "out"),
+        *_overrides(tiny_cache),
+    ]
     assert main(argv) == 1
     printed = capsys.readouterr().out
     assert "FAILED 00001" in printed and "1 missing" in printed
@@ -45,10 +52,24 @@ def test_failed_shard_gives_exit_status_1(tmp_path, tiny_cache, capsys):
 
 def test_usage_errors_and_dry_run(tmp_path, capsys):
     assert main(["preprocess", DEMO, "--output", str(tmp_path)]) == 2  # no --input
-    assert main(["preprocess", DEMO, "--input", "x.tar", "--output", str(tmp_path),
-                 "preprocess.min_size=0"]) == 2
+    assert (
+        main(
+            [
+                "preprocess",
+                DEMO,
+                "--input",
+                "x.tar",
+                "--output",
+                str(tmp_path),
+                "preprocess.min_size=0",
+            ]
+        )
+        == 2
+    )
     assert "preprocess.min_size" in capsys.readouterr().err
-    assert main(["preprocess", DEMO, "--input", "x", "--output", str(tmp_path), "--dry-run"]) == 0
+    assert main(["preprocess", DEMO, "--input", "x.tar"]) == 2  # no --output
+    assert "--output DIR is required" in capsys.readouterr().err
+    assert main(["preprocess", DEMO, "--dry-run"]) == 0
     assert "preset: tiny_clip" in capsys.readouterr().out
 
 
@@ -56,8 +77,18 @@ def test_usage_errors_and_dry_run(tmp_path, capsys):
 def test_local_workers_split_the_shards(tmp_path, tiny_cache, capsys):
     pattern = write_synthetic_shards(tmp_path / "raw", num_shards=3, samples_per_shard=2)
     out = tmp_path / "out"
-    argv = ["preprocess", DEMO, "--input", pattern, "--output", str(out), "--workers", "2",
-            *_overrides(tiny_cache), "preprocess.decode_workers=0"]
+    argv = [
+        "preprocess",
+        DEMO,
+        "--input",
+        pattern,
+        "--output",
+        str(out),
+        "--workers",
+        "2",
+        *_overrides(tiny_cache),
+        "preprocess.decode_workers=0",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "shards: 3 written" in printed and "assigned to 2 ranks" in printed

@@ -78,8 +78,9 @@ def test_vae_from_local_dir_stores_distribution_and_factors(tiny_vae_path):
 
 
 def test_vae_factor_overrides(tiny_vae_path):
-    cfg = ImageEncoderConfig(kind="vae", name=str(tiny_vae_path), scaling_factor=0.13,
-                             shift_factor=0.0, dtype="fp16")
+    cfg = ImageEncoderConfig(
+        kind="vae", name=str(tiny_vae_path), scaling_factor=0.13, shift_factor=0.0, dtype="fp16"
+    )
     enc = build_image_encoder(cfg, "cpu")
     assert (enc.scaling_factor, enc.shift_factor) == (0.13, 0.0)
     assert enc.encode(torch.zeros(1, 3, 32, 32))["mean"].dtype == torch.float16
@@ -139,7 +140,13 @@ def test_sdxl_preset_penultimate_states_and_pooled_bigg(tiny_clip_path, tiny_ope
     # bigG part: pooled = open_clip's own (unnormalised) encode_text.
     oc = open_clip.create_model("local-dir:" + tiny_open_clip["local_dir"])
     oc_tok = open_clip.get_tokenizer("local-dir:" + tiny_open_clip["local_dir"])
-    assert torch.allclose(out["pooled"], oc.encode_text(oc_tok(CAPTIONS)), atol=1e-5)
+    ids = oc_tok(CAPTIONS)
+    assert torch.allclose(out["pooled"], oc.encode_text(ids), atol=1e-5)
+    # bigG states = the output of the second-to-last residual block, computed by hand.
+    x = oc.token_embedding(ids) + oc.positional_embedding
+    for block in oc.transformer.resblocks[:-1]:
+        x = block(x, attn_mask=oc.attn_mask)
+    assert torch.allclose(out["hidden_states"][0, : real[0], 48:], x[0, : real[0]], atol=1e-5)
     # Positions past a caption's length are zero.
     assert out["hidden_states"][1, 2:].abs().sum() == 0
     per = unbatch_text(out)
@@ -150,12 +157,16 @@ def test_sdxl_preset_penultimate_states_and_pooled_bigg(tiny_clip_path, tiny_ope
 def test_open_clip_checkpoint_and_local_dir_load_the_same_weights(tiny_clip_path, tiny_open_clip):
     outs = []
     for clip_g in (
-        ClipGConfig(name="tiny-openclip", pretrained=tiny_open_clip["pretrained"],
-                    model_config=tiny_open_clip["model_config"]),
+        ClipGConfig(
+            name="tiny-openclip",
+            pretrained=tiny_open_clip["pretrained"],
+            model_config=tiny_open_clip["model_config"],
+        ),
         ClipGConfig(name="local-dir:" + tiny_open_clip["local_dir"]),
     ):
-        cfg = TextEncoderConfig(preset="sdxl", clip_l=ClipLConfig(name=str(tiny_clip_path)),
-                                clip_g=clip_g, dtype="fp32")
+        cfg = TextEncoderConfig(
+            preset="sdxl", clip_l=ClipLConfig(name=str(tiny_clip_path)), clip_g=clip_g, dtype="fp32"
+        )
         outs.append(build_text_encoder(cfg, "cpu").encode(["a red circle"]))
     assert torch.equal(outs[0]["pooled"], outs[1]["pooled"])
     assert torch.equal(outs[0]["hidden_states"], outs[1]["hidden_states"])
@@ -203,10 +214,14 @@ def test_untrimmed_clip_states_keep_max_length(tiny_clip_path, tiny_open_clip):
 def test_tiny_clip_is_built_once_deterministically_and_depends_on_caption(tmp_path):
     from data_pipeline.encoders.tiny import ensure_tiny_clip
 
-    cfg = TextEncoderConfig(preset="tiny_clip", tiny=TinyTextConfig(cache_dir=str(tmp_path / "a")),
-                            dtype="fp32")
-    enc = build_text_encoder(PreprocessConfig(text_encoder=cfg, device="cpu",
-                                              image_encoder=ImageEncoderConfig(kind="pixel")))
+    cfg = TextEncoderConfig(
+        preset="tiny_clip", tiny=TinyTextConfig(cache_dir=str(tmp_path / "a")), dtype="fp32"
+    )
+    enc = build_text_encoder(
+        PreprocessConfig(
+            text_encoder=cfg, device="cpu", image_encoder=ImageEncoderConfig(kind="pixel")
+        )
+    )
     path = ensure_tiny_clip(cfg.tiny)
     assert path.parent == tmp_path / "a" and (path / "config.json").is_file()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
@@ -221,3 +236,44 @@ def test_tiny_clip_is_built_once_deterministically_and_depends_on_caption(tmp_pa
     # Every demo caption word is a single token (plus BOS and EOS).
     assert out["lengths"].tolist() == [5, 5, 5]
     assert np.isfinite(out["hidden_states"].numpy()).all()
+
+
+def test_diffusers_style_repo_layout_with_subfolders(tmp_path, tiny_clip_path, tiny_vae_path):
+    """A pipeline repo keeps each model in a subfolder (vae/, text_encoder_2/, tokenizer_2/);
+    bigG can also come from transformers (CLIPTextModelWithProjection) instead of open_clip."""
+    import shutil
+
+    repo = tmp_path / "pipeline"
+    shutil.copytree(tiny_vae_path, repo / "vae")
+    shutil.copytree(tiny_clip_path, repo / "text_encoder_2")
+    shutil.copytree(tiny_clip_path, repo / "tokenizer_2")
+    vae = build_image_encoder(
+        ImageEncoderConfig(kind="vae", name=str(repo), subfolder="vae"), "cpu"
+    )
+    assert vae.encode(torch.zeros(1, 3, 32, 32))["mean"].shape == (1, 4, 8, 8)
+    cfg = TextEncoderConfig(
+        preset="sdxl",
+        clip_l=ClipLConfig(name=str(tiny_clip_path)),
+        clip_g=ClipGConfig(
+            library="transformers",
+            name=str(repo),
+            subfolder="text_encoder_2",
+            tokenizer_subfolder="tokenizer_2",
+        ),
+        dtype="fp32",
+    )
+    enc = build_text_encoder(cfg, "cpu")
+    out = enc.encode(["a red circle"])
+    assert out["hidden_states"].shape == (1, 5, 96) and out["pooled"].shape == (1, 24)
+    # Same weights in both slots: the two halves of the states are equal.
+    assert torch.equal(out["hidden_states"][..., :48], out["hidden_states"][..., 48:])
+    with pytest.raises(OSError, match="subfolder text_encoder_3"):
+        build_text_encoder(
+            TextEncoderConfig(
+                preset="sdxl",
+                clip_l=ClipLConfig(
+                    name=str(repo), subfolder="text_encoder_3", tokenizer_subfolder="tokenizer_2"
+                ),
+            ),
+            "cpu",
+        )

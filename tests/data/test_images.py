@@ -26,8 +26,11 @@ def _png16_rgb(values: np.ndarray) -> bytes:
     h, w, _ = values.shape
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
         )
 
     raw = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(h))

@@ -167,10 +167,11 @@ EXPECTED_SKIPS = {
 }
 
 
+@pytest.mark.parametrize("workers", [0, 3], ids=["in_process", "one_shard_in_3_parts"])
 def test_bad_input_is_skipped_with_reasons_and_nothing_is_lost(
-    tmp_path, demo_cfg, bad_shard, read_latent_shard
+    tmp_path, demo_cfg, bad_shard, read_latent_shard, workers
 ):
-    cfg = replace(demo_cfg, max_image_pixels=20000)
+    cfg = replace(demo_cfg, max_image_pixels=20000, decode_workers=workers)
     summary = preprocess_shards(cfg, str(bad_shard), tmp_path / "out")
     out = tmp_path / "out"
     ledger = _ledger(out)
@@ -195,11 +196,17 @@ def test_bad_input_is_skipped_with_reasons_and_nothing_is_lost(
     _assert_nothing_lost(out, [bad_shard], read_latent_shard)
 
 
-def test_truncated_tars_keep_what_was_read(tmp_path, demo_cfg, image_bytes, write_tar,
-                                           read_latent_shard):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "two_workers"])
+def test_truncated_tars_keep_what_was_read(
+    tmp_path, demo_cfg, image_bytes, write_tar, read_latent_shard, workers
+):
+    demo_cfg = replace(demo_cfg, decode_workers=workers)
     members = []
     for i in range(5):
-        members += [(f"s{i}.jpg", image_bytes(colour=(i * 40, 0, 0))), (f"s{i}.txt", b"a red circle")]
+        members += [
+            (f"s{i}.jpg", image_bytes(colour=(i * 40, 0, 0))),
+            (f"s{i}.txt", b"a red circle"),
+        ]
     full = write_tar(tmp_path / "full.tar", members).read_bytes()
     # Find where s3.txt's data starts: cut inside it, and at the block boundary before s3.
     offsets = {}
@@ -219,8 +226,10 @@ def test_truncated_tars_keep_what_was_read(tmp_path, demo_cfg, image_bytes, writ
     assert summary.shards_done == 4 and not summary.shards_failed  # damaged shards complete
     ledger = _ledger(out)
     shard0 = [e for e in ledger if e["shard"] == "00000"]
-    assert {(e["key"], e["code"]) for e in shard0} == {("s3", "missing_caption"),
-                                                       (None, "truncated_tar")}
+    assert {(e["key"], e["code"]) for e in shard0} == {
+        ("s3", "missing_caption"),
+        (None, "truncated_tar"),
+    }
     assert "the tar ends inside this sample" in next(e for e in shard0 if e["key"])["reason"]
     assert sorted(read_latent_shard(out / "00000.tar")) == ["s0", "s1", "s2"]
     shard1 = [e for e in ledger if e["shard"] == "00001"]
@@ -253,9 +262,10 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(tmp_path, demo_cfg):
 
     # A crash after the tar but before the manifest, and a leftover temporary file.
     (out / "00001.manifest.json").unlink()
-    (out / "00002.tar.tmp-host-123").write_bytes(b"half a shard")
+    (out / "00001.tar.tmp-otherhost-123").write_bytes(b"half a shard")
     redo = preprocess_shards(demo_cfg, pattern, out)
     assert (redo.shards_already_complete, redo.shards_done, redo.samples_written) == (2, 1, 4)
+    assert not list(out.glob("*.tmp*"))
     # Deterministic: the redone shard is byte-identical, the index the same.
     assert sf.read_index(out)["shards"] == first_index["shards"]
 
@@ -267,6 +277,10 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(tmp_path, demo_cfg):
     # Another config into the same directory would mix datasets: refused.
     with pytest.raises(FingerprintMismatch, match="different preprocess config"):
         preprocess_shards(replace(demo_cfg, crop="random"), pattern, out)
+    # Also when the new run's inputs are other shards: the plan records the old config.
+    other = write_synthetic_shards(tmp_path / "other", num_shards=1, samples_per_shard=2)
+    with pytest.raises(FingerprintMismatch, match="different preprocess config"):
+        preprocess_shards(replace(demo_cfg, crop="random"), other, tmp_path / "out")
     # Runtime-only settings do not count as another config.
     assert preprocess_shards(replace(demo_cfg, batch_size=3), pattern, out).shards_done == 0
 
@@ -324,7 +338,13 @@ def test_ranks_split_shards_and_the_index_completes_when_all_are_done(tmp_path, 
 
 @pytest.mark.slow
 def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
-    tmp_path, demo_cfg, tiny_vae_path, tiny_clip_path, tiny_open_clip, image_bytes, write_tar,
+    tmp_path,
+    demo_cfg,
+    tiny_vae_path,
+    tiny_clip_path,
+    tiny_open_clip,
+    image_bytes,
+    write_tar,
     read_latent_shard,
 ):
     from data_pipeline.preprocess.config import (
@@ -356,7 +376,9 @@ def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
     for key, (h, w) in expect.items():
         latent, text, meta = samples[key]
         assert meta["bucket"] == [h, w] and meta["target_size"] == [h, w]
-        assert latent["mean"].shape == (4, h // 4, w // 4) and latent["mean"].dtype == torch.bfloat16
+        assert (
+            latent["mean"].shape == (4, h // 4, w // 4) and latent["mean"].dtype == torch.bfloat16
+        )
         assert bool((latent["std"] > 0).all())
         assert text["hidden_states"].shape[1] == 48 + 32 and text["pooled"].shape == (32,)
     assert samples["landscape"][2]["original_size"] == [60, 100]
@@ -367,3 +389,76 @@ def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
     assert manifest["image_encoder"]["scaling_factor"] == 0.5
     assert manifest["image_encoder"]["shift_factor"] == pytest.approx(0.1)
     assert manifest["text_encoder"]["preset"] == "sdxl"
+
+
+def test_many_buckets_with_bounded_buffers(
+    tmp_path, demo_cfg, image_bytes, write_tar, read_latent_shard, monkeypatch
+):
+    # Five buckets at 64^2 with step 16; 7 images each, interleaved, batch 8: no buffer
+    # ever fills, so the pending-sample cap (4 x batch) must flush partial batches.
+    from data_pipeline.preprocess import pipeline
+
+    flushes = []  # (samples received so far, batch size) at each encoder call
+    received = [0]
+    original_flush, original_handle = pipeline._ShardRun.flush, pipeline._ShardRun.handle
+
+    def spy_flush(self, stem, bucket):
+        flushes.append((received[0], len(self.buffers[stem].get(bucket, []))))
+        return original_flush(self, stem, bucket)
+
+    def spy_handle(self, msg):
+        received[0] += isinstance(msg, pipeline.Prepared)
+        return original_handle(self, msg)
+
+    monkeypatch.setattr(pipeline._ShardRun, "flush", spy_flush)
+    monkeypatch.setattr(pipeline._ShardRun, "handle", spy_handle)
+    cfg = replace(demo_cfg, bucket_step=16, max_aspect_ratio=4.0, min_size=16, batch_size=8)
+    sizes = {
+        (64, 64): (64, 64),
+        (48, 80): (80, 48),
+        (80, 48): (48, 80),
+        (32, 128): (128, 32),
+        (128, 32): (32, 128),
+    }  # bucket (h, w) -> image size (w, h)
+    members, expected = [], {}
+    for i in range(7):
+        for bucket, size in sizes.items():
+            key = f"k{i}_{bucket[0]}x{bucket[1]}"
+            members += [(f"{key}.jpg", image_bytes(size=size)), (f"{key}.txt", b"a shape")]
+            expected[key] = list(bucket)
+    shard = write_tar(tmp_path / "raw" / "00000.tar", members)
+    summary = preprocess_shards(cfg, str(shard), tmp_path / "out")
+    assert summary.samples_written == 35
+    samples = read_latent_shard(tmp_path / "out" / "00000.tar")
+    assert {k: m["bucket"] for k, (_, _, m) in samples.items()} == expected
+    for _, (latent, _, meta) in samples.items():
+        h, w = meta["bucket"]
+        assert latent["mean"].shape == (12, h // 2, w // 2)
+    # The 33rd waiting sample (cap 32) forced a partial batch before the shard ended.
+    assert flushes[0] == (33, 7) and all(size < 8 for _, size in flushes)
+    manifest = sf.read_json(tmp_path / "out" / "00000.manifest.json")
+    assert manifest["bucket_counts"] == {f"{h}x{w}": 7 for h, w in sizes}
+
+
+def test_a_shard_split_into_parts_fails_once_and_commits_once(tmp_path, demo_cfg):
+    from data_pipeline.preprocess.samples import work_units
+
+    assert work_units([("a", "a.tar")], 3) == [("a", "a.tar", p, 3) for p in range(3)]
+    assert len(work_units([("a", "a.tar"), ("b", "b.tar")], 5)) == 4  # 2 parts each
+    assert work_units([("a", "a.tar"), ("b", "b.tar")], 1) == [
+        ("a", "a.tar", 0, 1),
+        ("b", "b.tar", 0, 1),
+    ]
+    write_synthetic_shards(tmp_path / "raw", num_shards=1, samples_per_shard=9)
+    cfg = replace(demo_cfg, decode_workers=2)
+    out = tmp_path / "out"
+    bad = f"pipe:cat {tmp_path}/raw/00000.tar; exit 3 # 00001.tar"  # data, then a failure
+    summary = preprocess_shards(cfg, [bad], out)
+    assert summary.shards_failed == [
+        {"shard": "00001", "reason": summary.shards_failed[0]["reason"]}
+    ]
+    assert "exit 3" in summary.shards_failed[0]["reason"]
+    assert summary.samples_written == 0 and not list(out.glob("*.tar*"))
+    good = preprocess_shards(cfg, str(tmp_path / "raw" / "00000.tar"), out)
+    assert (good.shards_done, good.samples_written) == (1, 9)
+    assert sf.read_json(out / "00000.manifest.json")["num_input_samples"] == 9

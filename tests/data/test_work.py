@@ -39,12 +39,19 @@ def test_output_stems():
 def test_rank_world_from_slurm_array():
     env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert resolve_rank_world(env)[:2] == (2, 4)
-    stepped = {"SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
-               "SLURM_ARRAY_TASK_MAX": "30", "SLURM_ARRAY_TASK_STEP": "10"}
+    stepped = {
+        "SLURM_ARRAY_TASK_ID": "20",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "30",
+        "SLURM_ARRAY_TASK_STEP": "10",
+    }
     assert resolve_rank_world(stepped)[:2] == (2, 4)
     # An array task running two srun tasks nests them.
-    nested = {**env, "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    nested = {**env, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
     assert resolve_rank_world(nested)[:2] == (5, 8)
+    # The batch script of an array task is not an srun task: one process per array task.
+    batch_script = {**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert resolve_rank_world(batch_script)[:2] == (2, 4)
     with pytest.raises(ValueError, match="outside"):
         resolve_rank_world({**env, "SLURM_ARRAY_TASK_ID": "9"})
 

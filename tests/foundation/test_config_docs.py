@@ -36,3 +36,14 @@ def test_every_root_key_appears_in_the_reference():
     text = generate()
     for key in ("`seed`", "`model.arch`", "`train.max_steps`", "`checkpoint.every`", "`data.path`"):
         assert key in text
+
+
+@dataclass
+class _Child(_Documented):
+    steps: int = 5  # a new default keeps the parent's comment unless it has its own
+
+
+def test_inherited_fields_keep_their_base_class_comments():
+    comments = field_comments(_Child)
+    assert comments["lr"] == "Learning rate of AdamW, after warm-up."
+    assert comments["steps"] == "a new default keeps the parent's comment unless it has its own"

@@ -33,7 +33,10 @@ def test_tiny_presets_build_train_and_match_the_demo_shapes(name, cls):
     out = model(**inputs)
     assert out.shape == (2, 12, 32, 32)
     out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters())  # every parameter is trained
+    if cls is MMDiT:  # the last block's text queries are discarded: zero grad, as in SD3
+        last = model.transformer_blocks[-1].attn.add_q_proj
+        assert torch.equal(last.weight.grad, torch.zeros_like(last.weight))
 
 
 def test_meta_build_allocates_nothing_and_materialises_like_a_direct_build(mmdit_cfg):

@@ -46,8 +46,10 @@ def _analytic_mmdit_forward_flops(cfg) -> float:
         last = i == cfg.depth - 1
         flops += 2 * (6 * d * d) + 2 * ((2 if last else 6) * d * d)  # adaLN, both streams
         flops += 2 * n * (4 * d * d + ff)  # image: q, k, v, out, MLP
-        flops += 2 * t * (3 * d * d if last else 4 * d * d + ff)  # text (last: q, k, v only)
-        flops += 2 * 2 * (n + t) ** 2 * d  # QK^T and AV over the joint sequence
+        # text stream; the last block's text outputs are discarded, so it projects k, v only
+        flops += 2 * t * (2 * d * d if last else 4 * d * d + ff)
+        queries = n if last else n + t  # ... and attends with the image queries only
+        flops += 2 * 2 * queries * (n + t) * d  # QK^T and AV over the joint sequence
     flops += 2 * (2 * d * d) + 2 * n * d * (p * p * c)  # final AdaLN and projection
     return float(flops)
 

@@ -50,6 +50,10 @@ def test_mmdit_2b_preset_equals_diffusers_sd3_medium(sd3_medium_config, qk_norm)
     assert _shapes(ours) == _shapes(ref, skip={"pos_embed.pos_embed"})
 
 
+def test_mmdit_2b_preset_as_shipped_is_the_released_sd3_medium():
+    assert count_parameters(build_model(_preset("mmdit_2b"), device="meta")) == 2_028_328_000
+
+
 def test_mmdit_8b_builds_on_meta_with_sd3_sizing():
     cfg = _preset("mmdit_8b")
     model = build_model(cfg, device="meta")
