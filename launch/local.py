@@ -48,13 +48,16 @@ def _status(code: int) -> int:
 
 
 def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None = None,
-                 poll_s: float = 0.2) -> int:
-    """Run ``python -m scaletrain.cli *argv`` as ``nproc`` ranks; return the combined status."""
+                 poll_s: float = 0.2, program: Sequence[str] | None = None) -> int:
+    """Run ``python -m scaletrain.cli *argv`` as ``nproc`` ranks; return the combined status.
+
+    ``program`` replaces ``python -m scaletrain.cli`` (tests run small scripts instead).
+    """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     base = dict(os.environ if env is None else env)
     port = free_port()
-    cmd = [sys.executable, "-m", "scaletrain.cli", *argv]
+    cmd = [*(program or (sys.executable, "-m", "scaletrain.cli")), *argv]
     procs = [subprocess.Popen(cmd, env=worker_env(r, nproc, port, base)) for r in range(nproc)]
 
     def forward(signum, _frame):

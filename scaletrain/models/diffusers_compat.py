@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.models.config import MMDiTConfig, UNetConfig
+from scaletrain.models.layers import sincos_2d_cropped
 
 
 def diffusers_class_name(cfg: UNetConfig | MMDiTConfig) -> str:
@@ -121,3 +122,17 @@ def to_diffusers_state_dict(
                 s = scale if not torch.is_tensor(scale) else (scale[:, None] if kind == "weight" else scale)
                 out[key] = (w.float() * s).to(w.dtype)
     return out
+
+
+def diffusers_extra_state(cfg: UNetConfig | MMDiTConfig) -> dict[str, torch.Tensor]:
+    """Tensors diffusers' checkpoint holds that ours computes on the fly (added for the exporter).
+
+    SD3's ``PatchEmbed`` stores its full ``pos_embed_max_size``-square sin-cos table as a
+    persistent buffer ``pos_embed.pos_embed`` (1, max^2, D); ours computes the crop it needs.
+    The full table is our crop at grid = max (offset 0, same coordinate scaling).
+    """
+    if isinstance(cfg, UNetConfig):
+        return {}
+    m = cfg.pos_embed_max_size
+    table = sincos_2d_cropped(cfg.hidden_size, m, m, m, cfg.sample_size // cfg.patch_size)
+    return {"pos_embed.pos_embed": table[None].contiguous()}

@@ -3,7 +3,7 @@
 Layout of one checkpoint (``run_dir/checkpoints/step_{N:09d}/``)::
 
     ds/                      DeepSpeed save_checkpoint: model states + ZeRO optimizer shards
-    universal/               (only after a resume at another world size or ZeRO stage)
+    universal/               (only after a resume at another world size)
                              the same state as a DeepSpeed universal checkpoint
     ema/rank_{r:05d}.pt      EMA fragments of rank r (name, shape, offset + fp32 values)
     data/rank_{r:05d}.pt     data-loader state of rank r
@@ -213,9 +213,22 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def needs_universal(saved: dict[str, Any], world_size: int, zero_stage: int) -> bool:
-    """DeepSpeed's own format only loads at the world size and ZeRO stage that wrote it."""
-    return saved["world_size"] != world_size or saved["zero_stage"] != zero_stage
+def check_resumable(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None:
+    """A checkpoint resumes at any world size, but only under the ZeRO stage that wrote it:
+    DeepSpeed's universal checkpoints re-shard across ranks, not across stages."""
+    from scaletrain.config_base import ConfigError
+
+    if saved["zero_stage"] != zero_stage:
+        raise ConfigError(
+            f"train.zero_stage: {ckpt} was written with ZeRO-{saved['zero_stage']}; resuming "
+            f"with ZeRO-{zero_stage} is not supported. Keep train.zero_stage="
+            f"{saved['zero_stage']}, or start a new --run-dir (initialise from an export)."
+        )
+
+
+def needs_universal(saved: dict[str, Any], world_size: int) -> bool:
+    """DeepSpeed's own format only loads at the world size that wrote it."""
+    return saved["world_size"] != world_size
 
 
 def ensure_universal(ckpt: Path) -> Path:

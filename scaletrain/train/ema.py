@@ -26,6 +26,7 @@ Decay schedules (beta = weight kept of the old average):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def master_weight_fragments(
     if any(getattr(p, "_hp_mapping", None) is not None for _, p in params):
         return _hp_mapping_fragments(params)
     return _equal_slice_fragments(params, rank, world_size)
+
+
+def _is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
 
 
 def _zero3_fragments(params, rank: int) -> list[Fragment]:
@@ -155,6 +160,51 @@ class ShardedEMA:
             torch._foreach_lerp_(self.shadow, current, 1.0 - beta)
         self.updates += 1
         return beta
+
+    @contextmanager
+    def swapped_into(self, module: torch.nn.Module):
+        """Temporarily put the EMA weights into ``module``'s working weights (e.g. to sample
+        validation images), restoring the trained weights on exit. A collective: every rank
+        must enter it.
+
+        ZeRO-3: each rank writes its EMA fragments into its own partitions (``ds_tensor``)
+        and DeepSpeed gathers them in the forward as usual. Replicated weights (ZeRO-0/1/2):
+        every element is owned by exactly one rank, so each parameter is assembled by a
+        sum all-reduce of the ranks' fragments over zeros (exact: x + 0 = x); this briefly
+        holds one working-dtype copy of the weights, as the replicated model itself does.
+        """
+        import torch.distributed as dist
+
+        params = dict(module.named_parameters())
+        backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            if any(_is_partitioned(p) for p in params.values()):
+                for f, shadow in zip(self.fragments, self.shadow):
+                    local = params[f.name].ds_tensor.data.view(-1)[: f.numel]
+                    backups.append((local, local.clone()))
+                    local.copy_(shadow)
+            else:
+                owned: dict[str, list[int]] = {}
+                for i, f in enumerate(self.fragments):
+                    owned.setdefault(f.name, []).append(i)
+                distributed = dist.is_available() and dist.is_initialized()
+                for name, p in params.items():
+                    if not p.requires_grad:
+                        continue
+                    full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                    for i in owned.get(name, []):
+                        f = self.fragments[i]
+                        full[f.offset:f.offset + f.numel] = self.shadow[i]
+                    if distributed:
+                        dist.all_reduce(full, op=dist.ReduceOp.SUM)
+                    backups.append((p.data, p.data.clone()))
+                    p.data.copy_(full.view_as(p))
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for target, saved in backups:
+                    target.copy_(saved)
 
     def state_dict(self) -> dict:
         return {

@@ -31,6 +31,13 @@ def import_deepspeed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op that
+        # only inference uses; the build takes minutes on a busy machine and serialises every
+        # process on one lock file. Training only needs gloo, so mark the op unavailable.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
@@ -101,9 +108,11 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int,
 def build_engine(
     cfg: TrainConfig,
     build_model: Callable[[str], torch.nn.Module],
+    init_module: Callable[[torch.nn.Module], None] | None,
     micro_batch: int,
     world_size: int,
     seed: int,
+    device: torch.device,
     load_universal: bool = False,
 ):
     """Build the model (partitioned under ZeRO-3) and wrap it in a DeepSpeed engine."""
@@ -112,7 +121,9 @@ def build_engine(
     # Same seed on every rank: replicated stages start from identical weights without a
     # broadcast, and ZeRO-3 ranks agree on the values they partition.
     torch.manual_seed(seed)
-    if cfg.zero_stage == 3:
+    if cfg.zero_stage == 3 and init_module is not None:
+        model = build_partitioned_model(build_model, init_module, ds_config, device)
+    elif cfg.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model("cpu")
     else:
@@ -122,6 +133,31 @@ def build_engine(
                                                          if p.requires_grad],
     )
     return engine
+
+
+def build_partitioned_model(build_model, init_module, ds_config, device: torch.device):
+    """ZeRO-3: build on the meta device, then allocate, initialise and partition one module
+    at a time, in the same order as scaletrain.models.materialize_ (so a ZeRO-3 run starts
+    from the same weights as a ZeRO-1/2 one). The peak is one module's weights, never the
+    whole model; zero.Init partitions rank 0's values, so every rank agrees."""
+    deepspeed = import_deepspeed()
+    model = build_model("meta")
+    partitioner = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    for module in model.modules():
+        direct = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not any(t.is_meta for t in direct):
+            continue
+        module.to_empty(device=device, recurse=False)
+        init_module(module)
+        # Initialise in fp32, then store in the working dtype, as zero.Init's tensor
+        # constructors (and the engine's module.to(bf16) for ZeRO-1/2) would.
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(partitioner.dtype)
+        # DeepSpeed's zero.Init(module=m) partitions all of m's parameters at once, which
+        # would need the children allocated too; this converts only the ones just built.
+        partitioner._convert_to_zero_parameters(list(module.parameters(recurse=False)))
+    return model
 
 
 def set_lr(engine, lr: float) -> None:
@@ -138,3 +174,17 @@ def step_was_skipped(engine) -> bool:
         return False
     norm = float(norm)
     return norm != norm or norm in (float("inf"), float("-inf"))
+
+
+def cast_inputs(model_fn: Callable, dtype: torch.dtype) -> Callable:
+    """Wrap ``model_fn(x, t, cond)`` so the noisy input and floating conditioning reach the
+    model in its working dtype (bf16 weights reject fp32 inputs). Timesteps stay fp32: the
+    models embed them in fp32 before casting, and bf16 cannot hold t = 999 exactly."""
+
+    def cast(v):
+        return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+    def fn(x, t, cond):
+        return model_fn(cast(x), t, {k: cast(v) for k, v in cond.items()})
+
+    return fn

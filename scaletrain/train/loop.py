@@ -9,6 +9,7 @@ so a resumed run draws exactly what an uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,12 +27,12 @@ from scaletrain.train.components import Components, components_for
 from scaletrain.train.ema import ShardedEMA, master_weight_fragments
 from scaletrain.train.engine import (
     build_engine,
+    cast_inputs,
     init_distributed,
     set_lr,
     step_was_skipped,
 )
 from scaletrain.train.lr import lr_at
-from scaletrain.train.monitoring import open_metrics_logger
 from scaletrain.train.signals import PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,17 @@ def run_training(cfg, run_dir: str | Path) -> TrainOutcome:
     save a checkpoint. Raises NonFiniteTrainingError after too many skipped steps.
     """
     env = dist_env_from_environ()
-    device = init_distributed(cfg.train, env)
-    import torch.distributed as dist
+    # Handlers first: a SIGTERM during the (slow) start-up must not kill the process; the
+    # flag is honoured at the first step boundary.
+    with PreemptionFlag() as preempt:
+        device = init_distributed(cfg.train, env)
+        import torch.distributed as dist
 
-    try:
-        with PreemptionFlag() as preempt:
+        try:
             return _Run(cfg, Path(run_dir), env, device, components_for(cfg), preempt).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 class _Run:
@@ -118,7 +121,9 @@ class _Run:
         resume = _broadcast_object(str(found) if found is not None else None)
         self.resume_dir = Path(resume) if resume else None
         saved = ckpt_io.read_state(self.resume_dir) if self.resume_dir else None
-        universal = bool(saved) and ckpt_io.needs_universal(saved, self.world, t.zero_stage)
+        if saved is not None:
+            ckpt_io.check_resumable(self.resume_dir, saved, t.zero_stage)
+        universal = bool(saved) and ckpt_io.needs_universal(saved, self.world)
         if universal:
             if self.rank == 0:
                 ckpt_io.ensure_universal(self.resume_dir)
@@ -127,10 +132,11 @@ class _Run:
             dist.barrier()
 
         self.engine = build_engine(
-            t, self.parts.build_model, cfg.data.batch_size, self.world, cfg.seed,
-            load_universal=universal,
+            t, self.parts.build_model, self.parts.init_module, cfg.data.batch_size, self.world,
+            cfg.seed, self.device, load_universal=universal,
         )
-        self.model_fn = self.parts.make_model_fn(self.engine)
+        self.model_fn = cast_inputs(self.parts.make_model_fn(self.engine),
+                                    torch.bfloat16 if t.bf16 else torch.float32)
         self.step = 0
         self.samples_seen = 0
         self.skipped_total = 0
@@ -158,7 +164,31 @@ class _Run:
             if saved is not None:
                 self.ema.load_shards(ckpt_io.rank_files(self.resume_dir, "ema"))
         self.loader = self.parts.build_loader(self.rank, self.world, cfg.seed, loader_state)
-        self.metrics = open_metrics_logger(cfg, self.run_dir, self.rank, to_dict(cfg))
+        self.objective = self.parts.build_objective(self.loader)
+
+        from scaletrain.train.monitor import (
+            DiagnosticsSchedule,
+            LossByTimestep,
+            MetricsLogger,
+            Throughput,
+        )
+
+        self.metrics = MetricsLogger(cfg.logging, self.run_dir, self.rank, to_dict(cfg),
+                                     resume_step=self.step if saved is not None else None)
+        self.throughput = Throughput(self.parts.forward_flops_per_sample(), self.world,
+                                     self.device, cfg.logging.peak_tflops)
+        self.throughput.load_state_dict({"skipped_steps": self.skipped_total})
+        self.loss_by_t = LossByTimestep(cfg.logging.loss_buckets)
+        self.diagnostics = DiagnosticsSchedule(cfg.logging.diagnostics_every)
+        self.validator = None
+        if cfg.validation.every > 0:
+            if t.components == "synthetic":
+                log.warning("validation.every is ignored with train.components=synthetic")
+            else:
+                from scaletrain.train.validation_setup import build_validator
+
+                self.validator = build_validator(cfg, self.run_dir, self.rank, self.device,
+                                                 self.metrics, self.loader)
 
     # ------------------------------------------------------------------ loop
 
@@ -167,30 +197,39 @@ class _Run:
         cfg, t = self.cfg, self.cfg.train
         log.info("training: world %d, ZeRO-%d, bf16=%s, global batch %d, steps %d -> %d",
                  self.world, t.zero_stage, t.bf16, self.global_batch, self.step, t.max_steps)
+        from scaletrain.train.monitor import (
+            diagnostics_metrics,
+            pop_model_diagnostics,
+            set_model_diagnostics,
+        )
+
         bar = _progress_bar(t.progress_bar and self.rank == 0, self.step, t.max_steps)
         batches = iter(self.loader)
         consecutive_skips = 0
-        window = _Window()
+        losses: list[float] = []  # mean loss of each applied step since the last log
         status: Literal["completed", "preempted"] = "completed"
+        self.throughput.start()
         try:
             while self.step < t.max_steps:
-                tick = time.perf_counter()
                 lr = lr_at(t, self.step)
                 set_lr(self.engine, lr)
-                loss_sum, nonfinite, wait = 0.0, 0.0, 0.0
+                collect = self.diagnostics.should_collect(self.step + 1)
+                set_model_diagnostics(self.engine.module, collect)
+                loss_sum, nonfinite = 0.0, 0.0
                 for micro in range(t.grad_accum):
-                    w0 = time.perf_counter()
-                    batch = _to_device(next(batches), self.device)
-                    wait += time.perf_counter() - w0
+                    with self.throughput.waiting_for_data():
+                        batch = _to_device(next(batches), self.device)
                     gen = torch.Generator(device=self.device).manual_seed(
                         step_seed(cfg.seed, self.rank, self.samples_seen, micro))
-                    per_sample, _logs = self.parts.objective(self.model_fn, batch, gen)
+                    per_sample, logs = self.objective(self.model_fn, batch, gen)
                     loss = per_sample.float().mean()
                     if self.step in t.inject_nan_steps and self.rank == t.inject_nan_rank:
                         loss = loss * float("nan")  # fault injection (tests)
                     value = float(loss.detach())
                     if math.isfinite(value):
                         loss_sum += value
+                        if "timesteps" in logs:
+                            self.loss_by_t.add(logs["timesteps"], per_sample.float())
                     else:
                         nonfinite += 1
                     self.engine.backward(loss)
@@ -202,6 +241,7 @@ class _Run:
                 skipped = step_was_skipped(self.engine) or nonfinite > 0
                 self.step += 1
                 self.samples_seen += self.global_batch
+                self.throughput.step_done(self.global_batch, skipped=skipped)
                 if skipped:
                     self.skipped_total += 1
                     consecutive_skips += 1
@@ -212,21 +252,26 @@ class _Run:
                             f"{consecutive_skips} consecutive steps had a non-finite loss or "
                             f"gradient norm (train.max_consecutive_skips="
                             f"{t.max_consecutive_skips}); stopping at step {self.step}. The "
-                            f"last good checkpoint is kept in {ckpt_io.checkpoints_dir(self.run_dir)}"
+                            f"last good checkpoint is kept in "
+                            f"{ckpt_io.checkpoints_dir(self.run_dir)}"
                         )
                 else:
                     consecutive_skips = 0
+                    losses.append(loss_sum / (self.world * t.grad_accum))
                     if self.ema is not None:
                         self.ema.update(self.samples_seen, self.global_batch)
-                mean_loss = loss_sum / max(self.world * t.grad_accum - nonfinite, 1)
-                window.add(mean_loss if not skipped else None, time.perf_counter() - tick, wait)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                if self.step % cfg.logging.every == 0 or self.step == t.max_steps:
-                    self._log(lr, window)
-                    window = _Window()
-                stop = preempt_flag > 0
+                    if losses:
+                        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                diag = pop_model_diagnostics(self.engine.module) if collect else {}
+                if self.step % cfg.logging.every == 0 or self.step == t.max_steps or collect:
+                    self._log(lr, losses, diagnostics_metrics(diag))
+                    losses = []
+                if self.validator is not None and self.validator.should_run(self.step):
+                    set_model_diagnostics(self.engine.module, False)
+                    self._validate()
+                stop = preempt_flag > 0 and self.step < t.max_steps  # at the end: just finish
                 if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps or stop:
                     self._save()
                 if stop:
@@ -237,22 +282,42 @@ class _Run:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+            close = getattr(self.loader, "close", None)
+            if callable(close):
+                close()  # stop DataLoader workers now, not at interpreter exit
         return TrainOutcome(status, self.step, self.samples_seen)
 
-    def _log(self, lr: float, window: _Window) -> None:
+    def _log(self, lr: float, losses: list[float], extra: dict[str, float]) -> None:
+        """Collective (every rank calls it at the same steps); rank 0 writes."""
+        self.loss_by_t.all_reduce()
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
-            "loss": window.mean_loss(),
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "skipped_steps": self.skipped_total,
-            "step_time_s": window.mean_time(),
-            "samples_per_s": self.global_batch / max(window.mean_time(), 1e-9),
-            "data_wait_fraction": window.wait_fraction(),
+            **self.throughput.summary(),
+            **self.loss_by_t.summary(),
+            **extra,
         }
         if self.ema is not None:
             metrics["ema_updates"] = self.ema.updates
+        loader_metrics = getattr(self.loader, "metrics", None)
+        if callable(loader_metrics):
+            metrics.update({f"data/{k}": v for k, v in loader_metrics().items()
+                            if isinstance(v, (int, float))})
         self.metrics.log(self.step, metrics, samples_seen=self.samples_seen)
+
+    def _validate(self) -> None:
+        """Sample the validation prompts from the EMA weights (collective on every rank)."""
+        module = self.engine.module
+        module.eval()
+        try:
+            with torch.no_grad(), (self.ema.swapped_into(module) if self.ema is not None
+                                   else contextlib.nullcontext()):
+                self.validator.run(self.step, self.model_fn)
+        finally:
+            module.train()
 
     def _save(self) -> None:
         state = {
@@ -271,31 +336,6 @@ class _Run:
             config_yaml=dump_yaml(self.cfg), rank=self.rank,
             keep_last=self.cfg.checkpoint.keep_last,
         )
-
-
-class _Window:
-    """Running means between two metric logs."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.times: list[float] = []
-        self.waits: list[float] = []
-
-    def add(self, loss: float | None, seconds: float, wait: float) -> None:
-        if loss is not None:
-            self.losses.append(loss)
-        self.times.append(seconds)
-        self.waits.append(wait)
-
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
-
-    def mean_time(self) -> float:
-        return sum(self.times) / len(self.times) if self.times else 0.0
-
-    def wait_fraction(self) -> float:
-        total = sum(self.times)
-        return sum(self.waits) / total if total > 0 else 0.0
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

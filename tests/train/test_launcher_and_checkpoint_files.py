@@ -1,0 +1,89 @@
+"""Local launcher semantics and checkpoint-directory bookkeeping (no DeepSpeed)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from launch.local import EXIT_REQUEUE, launch_local
+from scaletrain.train import checkpoint as ck
+from scaletrain.train.signals import EXIT_REQUEUE as TRAIN_EXIT_REQUEUE
+
+WORKER = """
+import os, sys, time
+rank = int(os.environ["RANK"])
+assert os.environ["WORLD_SIZE"] == sys.argv[1] and os.environ["MASTER_ADDR"] == "127.0.0.1"
+assert int(os.environ["MASTER_PORT"]) > 0 and os.environ["LOCAL_RANK"] == str(rank)
+mode = sys.argv[2]
+if mode == "ok":
+    sys.exit(0)
+if mode == "requeue":
+    sys.exit(75 if rank == 0 else 0)
+if mode == "fail" and rank == 1:
+    sys.exit(3)
+time.sleep(60)  # the launcher must kill this survivor
+"""
+
+
+def _launch(mode: str, nproc: int = 3) -> int:
+    return launch_local([str(nproc), mode], nproc, program=[sys.executable, "-c", WORKER],
+                        poll_s=0.05)
+
+
+def test_exit_status_constants_agree():
+    assert EXIT_REQUEUE == TRAIN_EXIT_REQUEUE == 75
+
+
+def test_all_ok_and_requeue_statuses():
+    assert _launch("ok") == 0
+    assert _launch("requeue") == EXIT_REQUEUE
+
+
+def test_one_failure_kills_the_rest_and_is_reported():
+    t0 = time.monotonic()
+    assert _launch("fail") == 3
+    assert time.monotonic() - t0 < 30  # survivors were killed, not waited for
+
+
+def _fake_checkpoint(run_dir, step, complete=True):
+    path = ck.checkpoints_dir(run_dir) / ck.step_dir_name(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / ck.STATE).write_text("{}")
+        (path / ck.MARKER).write_text(f"{step}\n")
+    return path
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 20, complete=False)  # crashed before its marker
+    (ck.checkpoints_dir(tmp_path) / ".tmp_step_000000030").mkdir()
+    assert ck.find_latest(tmp_path).name == "step_000000010"
+    # A stale `latest` file does not win over the scan either.
+    (ck.checkpoints_dir(tmp_path) / ck.LATEST).write_text("step_000000020\n")
+    assert ck.find_latest(tmp_path).name == "step_000000010"
+    assert ck.resolve_checkpoint(tmp_path).name == "step_000000010"
+
+
+def test_prune_keeps_newest_complete(tmp_path):
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(tmp_path, step)
+    stale = ck.checkpoints_dir(tmp_path) / ".tmp_step_000000002"
+    stale.mkdir()
+    ck.prune(tmp_path, keep_last=2)
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == [
+        "step_000000003", "step_000000004"]
+    assert not stale.exists()
+
+
+def test_universal_needed_only_when_world_changes_and_stage_must_match(tmp_path):
+    import pytest
+
+    from scaletrain.config_base import ConfigError
+
+    saved = {"world_size": 2, "zero_stage": 2}
+    assert not ck.needs_universal(saved, 2)
+    assert ck.needs_universal(saved, 1)
+    ck.check_resumable(tmp_path, saved, 2)
+    with pytest.raises(ConfigError, match="train.zero_stage: .*ZeRO-2.*ZeRO-3"):
+        ck.check_resumable(tmp_path, saved, 3)

@@ -1,0 +1,198 @@
+"""Real DeepSpeed over 2 CPU processes (gloo): ZeRO-2/3, EMA, resume, faults, preemption.
+
+All runs use the synthetic toy denoiser (configs/train/synthetic.yaml) so they test the
+engine alone; test_real_components.py runs the tiny U-Net and MMDiT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from scaletrain.config import load_config
+from scaletrain.train import checkpoint as ck
+from scaletrain.train.ema import ema_beta
+
+from .conftest import SYNTHETIC, explain, run_train, start_train
+
+pytestmark = pytest.mark.slow
+
+BATCH = 4  # data.batch_size in configs/train/synthetic.yaml
+
+
+def _step_dir(run_dir, step):
+    return ck.checkpoints_dir(run_dir) / ck.step_dir_name(step)
+
+
+def _state(run_dir, step):
+    return json.loads((_step_dir(run_dir, step) / ck.STATE).read_text())
+
+
+def _assert_ema_matches_unsharded_reference(run_dir, steps, world):
+    """Recompute the EMA from the full fp32 weights saved after every step, unsharded."""
+    ema_cfg = load_config(SYNTHETIC).ema
+    reference = None
+    for n in range(1, steps + 1):
+        weights = ck.consolidate_model(_step_dir(run_dir, n))
+        beta = ema_beta(ema_cfg, n - 1, samples_after=n * world * BATCH,
+                        batch_samples=world * BATCH)
+        if reference is None:
+            reference = {k: v.clone() for k, v in weights.items()}  # EMA starts at init
+            assert beta == 0.0  # power schedule: the first update copies the weights
+        reference = {k: torch.lerp(reference[k], weights[k], 1.0 - beta) for k in weights}
+        sharded = ck.consolidate_ema(_step_dir(run_dir, n))
+        assert set(sharded) == set(reference)
+        for k in reference:
+            torch.testing.assert_close(sharded[k], reference[k], rtol=1e-6, atol=1e-7,
+                                       msg=f"EMA of {k} after step {n}")
+    # No rank holds the whole EMA: each shard file carries a strict part of the elements.
+    total = sum(v.numel() for v in reference.values())
+    for path in ck.rank_files(_step_dir(run_dir, steps), "ema"):
+        shard = torch.load(path, weights_only=True)
+        assert 0 < sum(t.numel() for t in shard["tensors"]) < total
+    assert len(ck.rank_files(_step_dir(run_dir, steps), "ema")) == world
+
+
+def test_zero2_run_writes_complete_checkpoints_and_sharded_ema(zero2_reference_run):
+    run_dir = zero2_reference_run
+    assert (run_dir / "config.yaml").is_file()
+    assert (ck.checkpoints_dir(run_dir) / ck.LATEST).read_text().strip() == "step_000000008"
+    state = _state(run_dir, 8)
+    assert state["step"] == 8 and state["samples_seen"] == 8 * 2 * BATCH
+    assert state["world_size"] == 2 and state["zero_stage"] == 2 and state["ema_updates"] == 8
+    for kind in ("ema", "data", "rng"):
+        assert len(ck.rank_files(_step_dir(run_dir, 8), kind)) == 2
+    _assert_ema_matches_unsharded_reference(run_dir, 8, world=2)
+
+
+def test_zero3_run_loss_falls_and_ema_matches_reference(tmp_path):
+    steps = 24
+    proc = run_train(tmp_path, ["train.zero_stage=3", f"train.max_steps={steps}",
+                                "train.lr=2e-3", "checkpoint.every=1",
+                                "checkpoint.keep_last=100", "logging.every=1"])
+    assert proc.returncode == 0, explain(proc)
+    state = _state(tmp_path, steps)
+    assert state["zero_stage"] == 3 and state["step"] == steps
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == steps
+    first, last = sum(losses[:4]) / 4, sum(losses[-6:]) / 6
+    assert last < 0.8 * first, f"loss did not fall: {losses}"
+    _assert_ema_matches_unsharded_reference(tmp_path, steps, world=2)
+
+
+def _wait_for(predicate, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ["train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=100"]
+    proc = start_train(run_dir, overrides, log_path=tmp_path / "killed.log")
+    try:
+        reached = _wait_for(lambda: ck.is_complete(_step_dir(run_dir, 3)), 420, proc)
+        assert reached, (tmp_path / "killed.log").read_text()[-5000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
+    finally:
+        proc.wait()
+    killed_at = ck.find_latest(run_dir)
+    assert killed_at is not None and _state(killed_at.parent.parent, 3)["step"] == 3
+    assert not ck.is_complete(_step_dir(run_dir, 8)), "killed too late to test resume"
+
+    resumed = run_train(run_dir, overrides)  # the same command resumes
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resumed from" in resumed.stderr
+
+    ref, out = _step_dir(zero2_reference_run, 8), _step_dir(run_dir, 8)
+    assert _state(run_dir, 8)["samples_seen"] == _state(zero2_reference_run, 8)["samples_seen"]
+    for consolidate in (ck.consolidate_model, ck.consolidate_ema):
+        a, b = consolidate(ref), consolidate(out)
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{consolidate.__name__}: {k} differs"
+    # The bf16 working weights too, and the data position of every rank.
+    module_a = torch.load(ref / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module_b = torch.load(out / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(module_a[k], module_b[k]) for k in module_a)
+    for r in range(2):
+        assert ck.load_rank_file(ref, "data", r) == ck.load_rank_file(out, "data", r)
+
+
+def test_resume_at_another_world_size(zero2_reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(_step_dir(zero2_reference_run, 4), _step_dir(run_dir, 4))
+    proc = run_train(run_dir, ["train.max_steps=6", "checkpoint.every=1",
+                               "checkpoint.keep_last=100"], nproc=1)
+    assert proc.returncode == 0, explain(proc)
+    assert "world size 2 -> 1" in proc.stderr
+    assert (_step_dir(run_dir, 4) / ck.UNIVERSAL_TAG / "zero").is_dir()
+
+    # Data position: 4 steps x 2 ranks x 4, then 2 steps x 1 rank x 4 samples.
+    state = _state(run_dir, 6)
+    assert state["world_size"] == 1 and state["samples_seen"] == 4 * 8 + 2 * 4
+    assert ck.load_rank_file(_step_dir(run_dir, 6), "data", 0) == {"position": 40}
+    # Optimizer state came along: AdamW's step count continues from 4.
+    optim = torch.load(next((_step_dir(run_dir, 5) / "ds").glob("*optim_states.pt")),
+                       weights_only=False)["optimizer_state_dict"]
+    steps = {int(s["step"]) for s in optim["base_optimizer_state"]["state"].values()}
+    assert steps == {5}, optim["base_optimizer_state"]["state"].keys()
+    # EMA re-sliced from 2 shards to 1 and continued with the right decay.
+    ema4, ema5 = ck.consolidate_ema(_step_dir(run_dir, 4)), ck.consolidate_ema(
+        _step_dir(run_dir, 5))
+    w5 = ck.consolidate_model(_step_dir(run_dir, 5))
+    beta = ema_beta(load_config(SYNTHETIC).ema, 4, samples_after=36, batch_samples=4)
+    for k in w5:
+        torch.testing.assert_close(ema5[k], torch.lerp(ema4[k], w5[k], 1 - beta),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_nan_injection_skips_everywhere_then_stops_after_k_in_a_row(tmp_path):
+    # 0-based step 2 is poisoned on rank 1 alone; steps 4, 5, 6 in a row hit the limit of 3.
+    proc = run_train(tmp_path, ["train.max_steps=10", "checkpoint.every=1",
+                                "checkpoint.keep_last=100", "train.inject_nan_steps=[2,4,5,6]",
+                                "train.inject_nan_rank=1", "train.max_consecutive_skips=3"])
+    assert proc.returncode == 1, explain(proc)
+    assert "consecutive steps had a non-finite loss" in proc.stderr
+    assert ck.find_latest(tmp_path).name == "step_000000006"  # the last good one is kept
+    assert _state(tmp_path, 3)["skipped_steps"] == 1 and _state(tmp_path, 3)["ema_updates"] == 2
+    assert _state(tmp_path, 6)["skipped_steps"] == 3 and _state(tmp_path, 6)["ema_updates"] == 3
+    w = {n: ck.consolidate_model(_step_dir(tmp_path, n)) for n in (2, 3, 4, 6)}
+    for k in w[2]:
+        assert torch.equal(w[2][k], w[3][k]), "a skipped step changed the weights"
+        assert torch.equal(w[4][k], w[6][k]), "a skipped step changed the weights"
+        assert torch.isfinite(w[6][k]).all()
+    assert not all(torch.equal(w[3][k], w[4][k]) for k in w[2])  # good steps do train
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_requeue(tmp_path):
+    proc = start_train(tmp_path, ["train.max_steps=100000", "checkpoint.every=100000",
+                                  "logging.every=2"], log_path=tmp_path / "log.txt")
+    try:
+        metrics = tmp_path / "metrics.jsonl"  # first line written at step 2
+        started = _wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 420, proc)
+        assert started, (tmp_path / "log.txt").read_text()[-5000:]
+        proc.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to the ranks
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 75, (tmp_path / "log.txt").read_text()[-5000:]
+    latest = ck.find_latest(tmp_path)
+    assert latest is not None
+    state = json.loads((latest / ck.STATE).read_text())
+    assert 2 <= state["step"] < 100000
+    assert (ck.checkpoints_dir(tmp_path) / ck.LATEST).read_text().strip() == latest.name
