@@ -161,4 +161,11 @@ class FinalizeIndexJob:
         from data_pipeline.preprocess.output import finalize_index
 
         setup_logging(rank=0)
-        return finalize_index(output_dir)
+        index = finalize_index(output_dir)
+        if not index.get("complete", True):
+            # A failed job (not a quiet success) tells the submitter to resubmit the array.
+            raise RuntimeError(
+                f"{output_dir}/index.json is incomplete (missing or failed shards listed in "
+                "it): submit the same array again to redo only those"
+            )
+        return index

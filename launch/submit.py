@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from scaletrain.cli import add_config_arguments
 
     add_config_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "dry_run":
+            action.help = ("print the SLURM parameters, the batch script and the resolved "
+                           "config; submit nothing")
     parser.description = (parser.description or "") + (
         ". Flags override the `slurm` config section; --dry-run prints the SLURM parameters "
         "and the resolved config without submitting."
@@ -81,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     res = parser.add_argument_group("resources (override slurm.* keys)")
     res.add_argument("--nodes", type=int, help="nodes (slurm.nodes)")
     res.add_argument("--gpus-per-node", type=int,
-                     help="GPUs per node, one task each; 0 for CPU-only nodes")
+                     help="GPUs per node, one task each; 0 for CPU-only nodes (with "
+                     "--preprocess: GPUs per array task, slurm.preprocess_gpus)")
     res.add_argument("--tasks-per-node", type=int,
                      help="tasks per node on CPU-only nodes (with --gpus-per-node 0)")
     res.add_argument("--cpus-per-task", type=int, help="CPU cores per task")
@@ -101,10 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--preprocess", action="store_true",
                      help="submit preprocessing as a job array instead of training")
     pre.add_argument("--input", action="append", metavar="PATTERN",
-                     help="raw shards (glob; may repeat)")
+                     help="raw shards: glob, brace pattern 'raw/{00000..00099}.tar' or "
+                     "'::' list (may repeat)")
     pre.add_argument("--output", metavar="DIR", help="where the latent shards go")
     pre.add_argument("--array-size", type=int, metavar="K",
-                     help="array tasks; each takes every K-th shard")
+                     help="array tasks sharing the shards (at most one per shard)")
 
 
 def parse_slurm_time(text: str) -> int:

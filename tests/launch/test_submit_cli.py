@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ from launch.submit import (
     parse_slurm_time,
     preprocess_parameters,
     training_parameters,
+    wandb_info,
 )
 from scaletrain import cli
 from scaletrain.config_base import ConfigError
@@ -146,6 +148,16 @@ def test_preprocess_and_finalize_parameters():
     assert t["ntasks_per_node"] == 2 and "gpus_per_node" not in t
 
 
+def test_wandb_info_names_the_run_like_the_trainer(tmp_path):
+    from scaletrain.config import load_config
+
+    cfg = load_config(None, ["logging.wandb_project=proj"])
+    info = wandb_info(cfg, tmp_path / "exp7")
+    assert info["name"] == "exp7"  # the run directory's name unless logging.run_name is set
+    assert info["dir"] == str(tmp_path / "exp7" / "wandb")
+    assert info["project"] == "proj"
+
+
 def test_records_append_and_read(tmp_path):
     append_job_record(tmp_path, "submitted", job_id="12")
     append_job_record(tmp_path, "started", job_id="12", restart=0)
@@ -176,3 +188,20 @@ def test_slurm_config_validation():
     assert SlurmConfig(gpus_per_node=4, tasks_per_node=4).tasks_per_node_resolved == 4
     assert SlurmConfig(gpus_per_node=0).tasks_per_node_resolved == 1
     assert SlurmConfig(mem="500000M").mem == "500000M"
+
+
+def test_dry_run_preprocessing_array(capsys, tmp_path):
+    from data_pipeline.synthetic import write_synthetic_shards
+
+    pattern = write_synthetic_shards(tmp_path / "raw", num_shards=3, samples_per_shard=1, size=16)
+    params, cfg, text = _dry_run(
+        capsys, Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.yaml",
+        "--preprocess", "--input", pattern, "--output",
+        tmp_path / "out", "--array-size", "8", "--gpus-per-node", "1",
+    )
+    assert "3 input shard(s)" in text and "array of 3 task(s)" in text  # capped at one a shard
+    assert params["array_parallelism"] == 3
+    assert (params["nodes"], params["ntasks_per_node"], params["gpus_per_node"]) == (1, 1, 1)
+    assert cfg["slurm"]["preprocess_gpus"] == 1
+    assert cfg["preprocess"]["resolution"] == 64  # the demo preset's preprocessing section
+    assert not (tmp_path / "out").exists()
