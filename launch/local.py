@@ -34,12 +34,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def threads_per_worker(nproc: int, cpu_count: int | None = None) -> int:
+    """Intra-op threads per worker so that N workers together use each core once.
+
+    Without a limit every worker starts one thread per core, N times too many: on a small
+    machine they spin against each other and a step takes several times longer (torchrun
+    sets OMP_NUM_THREADS=1 for the same reason).
+    """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, cores // max(1, nproc))
+
+
 def worker_env(rank: int, nproc: int, port: int, base: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
     env.update(
         RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+    # A user's own setting wins; otherwise share the cores out.
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(nproc)))
     return env
 
 

@@ -43,7 +43,9 @@ def _own_field_comments(cls: type) -> dict[str, str]:
     comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            text = tok.string.lstrip("#").strip()
+            # "---- objective ----" banners head a group of fields; they describe none.
+            comments[tok.start[0]] = "" if text.startswith("---") else text
     lines = source.splitlines()
     out: dict[str, str] = {}
     class_node = ast.parse(source).body[0]

@@ -17,6 +17,7 @@ def test_reference_is_in_sync_with_the_dataclasses():
 
 @dataclass
 class _Documented:
+    # ---- optimiser ----------------------------------------------------------
     # Learning rate of AdamW,
     # after warm-up.
     lr: float = 1.0
