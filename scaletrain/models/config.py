@@ -49,11 +49,11 @@ class UNetConfig:
     # Zero-init the last conv of every residual branch (and each attention block's proj_out)
     # so each block starts as the identity (seed 001 § 9, improved-diffusion's zero_module).
     zero_init_residual: bool = False
-    skip_scaling: SkipScaling = "none"
-    skip_constant: float = 1.0 / math.sqrt(2.0)
+    skip_scaling: SkipScaling = "none"  # none | constant | per_level | log_snr (see above)
+    skip_constant: float = 1.0 / math.sqrt(2.0)  # w_s when skip_scaling=constant
     skip_kappa: list[float] | None = None  # one per level (level 0 = full resolution)
-    skip_snr_beta: float = 1.0
-    skip_snr_tau: float = 0.0
+    skip_snr_beta: float = 1.0  # slope beta of the log_snr gate sigmoid(beta (logSNR - tau))
+    skip_snr_tau: float = 0.0  # logSNR at which the log_snr gate is half open
     # Variance-preserving merge (seed 001 § 5.1 step IV): y = (d + w s) / sqrt(1 + w^2),
     # applied to the two halves of the concatenation.
     skip_variance_preserving: bool = False
@@ -163,7 +163,7 @@ class MMDiTConfig:
     adaln_zero: bool = True  # zero-init modulation and output: every block starts as identity
     qk_norm: bool = True  # RMSNorm per head on q, k (and the text stream's q, k)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # the pre-norms (no affine)
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # feed-forward: GELU MLP (SD3) or SwiGLU (LLaMA)
     mlp_ratio: float = 4.0  # GELU hidden = ratio*D; SwiGLU hidden = 2/3 of that (same params)
     residual_scale: float = 1.0  # beta in h + beta * g * F(h) (seed 001 § 10.2)
     layer_scale_init: float | None = None  # LayerScale (CaiT) per-channel init, e.g. 1e-4
