@@ -98,20 +98,7 @@ def final_weights(run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def deepspeed_ops_built():
-    """Compile DeepSpeed's CPU shared-memory op once, outside any job's time limit.
-
-    DeepSpeed JIT-builds it at the first init on a machine (minutes on 2 cores) into the
-    shared torch extensions cache; the jobs then only load it.
-    """
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_run(slurm_cluster, deepspeed_ops_built, train_config, tmp_path_factory):
+def uninterrupted_run(slurm_cluster, train_config, tmp_path_factory):
     """(a) A 2-task CPU training job submitted with `scaletrain submit`, run to completion."""
     run_dir = tmp_path_factory.mktemp("slurm_uninterrupted") / "run"
     proc = scaletrain("submit", train_config, "--run-dir", run_dir, *CPU_TASKS)
@@ -234,7 +221,7 @@ def _preprocess_logs(out: Path) -> str:
 
 
 def test_hand_written_sbatch_template_trains_and_requeues_itself(
-        slurm_cluster, deepspeed_ops_built, train_config, tmp_path):
+        slurm_cluster, train_config, tmp_path):
     """slurm/train.sbatch, submitted by hand: srun + `scaletrain train`; on SIGUSR1 the
     tasks checkpoint and exit 75, and the script requeues the job, which resumes."""
     run_dir = tmp_path / "run"

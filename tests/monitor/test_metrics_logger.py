@@ -104,3 +104,14 @@ def test_non_scalar_metric_is_rejected(tmp_path, monkeypatch):
     with MetricsLogger(LoggingConfig(), tmp_path, rank=0) as log:
         with pytest.raises(TypeError, match="not a scalar"):
             log.log(1, {"x": [1, 2]})
+
+
+def test_an_inherited_wandb_service_is_not_reused(tmp_path, monkeypatch):
+    """A run must start its own wandb service: one inherited from a parent process may hold
+    this run's id for a SIGKILLed predecessor ("run ID is in use") or be gone."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SERVICE", "left-behind-by-a-parent-process")
+    with MetricsLogger(LoggingConfig(), tmp_path, rank=0) as log:
+        log.log(1, {"loss": 1.0})
+    assert [r["step"] for r in _rows(tmp_path)] == [1]
+    assert len(offline_run_files(tmp_path)) == 1

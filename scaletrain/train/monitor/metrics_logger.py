@@ -163,6 +163,12 @@ class MetricsLogger:
     def _init_wandb(self, mode: str, config_dict: dict):
         import wandb
 
+        # A training run owns its wandb service. WANDB_SERVICE inherited from a parent (a
+        # launcher, a notebook, a test runner that used wandb) points at the parent's service:
+        # a SIGKILLed predecessor's run stays registered there, and the resumed run's
+        # init with the same id then fails with "run ID ... is in use".
+        os.environ.pop("WANDB_SERVICE", None)
+
         kwargs = dict(
             project=self.cfg.wandb_project,
             entity=self.cfg.wandb_entity,
