@@ -49,8 +49,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
-from data_pipeline.loader import DataConfig, build_train_loader  # noqa: E402
-from data_pipeline.shard_format import encode_sample, write_json_atomic  # noqa: E402
+from scaletrain.core.files import atomic_write_json  # noqa: E402
+from scaletrain.data.loader import DataConfig, build_train_loader  # noqa: E402
+from scaletrain.data.shard_format import encode_sample  # noqa: E402
 
 BATCH = 8
 
@@ -86,7 +87,7 @@ def write_shards(root: Path, samples: int, shards: int, resolution: int) -> list
         entries.append({"name": name, "num_samples": per})
         paths.append(root / name)
     index = {"shards": entries, "latent": {"scaling_factor": 0.13025, "shift_factor": None}}
-    write_json_atomic(root / "index.json", index)
+    atomic_write_json(root / "index.json", index)
     return paths
 
 
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     markdown = "\n".join(
         [
-            "## Training loader (data_pipeline/loader)",
+            "## Training loader (scaletrain/data/loader)",
             "",
             f"Command: `{command.strip()}` (git {git_revision()})",
             "",

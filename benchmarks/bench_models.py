@@ -24,38 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
 from scaletrain.config import load_config  # noqa: E402
-from scaletrain.models import MMDiTConfig, UNetConfig, build_model, count_parameters  # noqa: E402
+from scaletrain.models import UNetConfig, build_model, count_parameters  # noqa: E402
 from scaletrain.models.diffusers_compat import diffusers_config, to_diffusers_state_dict  # noqa: E402
 from scaletrain.models.info import model_info  # noqa: E402
 from scaletrain.models.inputs import example_inputs  # noqa: E402
 
-# Small but structurally complete: the SDXL layout (no attention at level 0, 1 and 2
-# transformer layers below, 2 ResBlocks per level) and an SD3 joint-attention stack.
-UNET = UNetConfig(
-    in_channels=4,
-    sample_size=32,
-    block_out_channels=[64, 128, 256],
-    layers_per_block=2,
-    transformer_layers_per_block=[0, 1, 2],
-    attention_head_dim=32,
-    cross_attention_dim=256,
-    pooled_projection_dim=128,
-    addition_time_embed_dim=32,
-    text_seq_len=77,
-)
-MMDIT = MMDiTConfig(
-    depth=4,
-    num_heads=4,
-    head_dim=64,
-    in_channels=16,
-    sample_size=32,
-    pos_embed_max_size=64,
-    joint_attention_dim=256,
-    pooled_projection_dim=128,
-    text_seq_len=77,
-    adaln_zero=False,  # real activations in every block on both sides
-    qk_norm=True,
-)
+CONFIGS = Path(__file__).resolve().parent / "configs"
+UNET = load_config(CONFIGS / "bench_unet.yaml").model
+MMDIT = load_config(CONFIGS / "bench_mmdit.yaml").model
 
 
 def _pair(cfg):

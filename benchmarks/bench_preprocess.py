@@ -1,6 +1,6 @@
 """Preprocessing throughput on this machine: full pipeline vs the decode-only ceiling.
 
-Writes synthetic raw shards (data_pipeline/synthetic.py), then measures samples/s for
+Writes synthetic raw shards (scaletrain/data/synthetic.py), then measures samples/s for
 
 * decode only: read the tar, decode, RGB, bucket, resize and crop (the DataLoader side of
   the pipeline, no encoders): the ceiling image decoding sets on this CPU;
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def decode_only_rate(cfg, pattern: str, workers: int) -> float:
-    from data_pipeline.preprocess.samples import Prepared, RawShardDataset, worker_init
-    from data_pipeline.preprocess.work import expand_inputs, shard_table
+    from scaletrain.data.preprocess.samples import Prepared, RawShardDataset, worker_init
+    from scaletrain.data.preprocess.work import expand_inputs, shard_table
 
     table = shard_table(expand_inputs(pattern))
     loader = DataLoader(
@@ -52,8 +52,8 @@ def decode_only_rate(cfg, pattern: str, workers: int) -> float:
 
 def full_rate(cfg, pattern: str, scratch: Path) -> tuple[float, float]:
     """(samples/s of the whole run, of which seconds loading encoders)."""
-    from data_pipeline.encoders import build_image_encoder, build_text_encoder
-    from data_pipeline.preprocess.pipeline import preprocess_shards
+    from scaletrain.data.encoders import build_image_encoder, build_text_encoder
+    from scaletrain.data.preprocess.pipeline import preprocess_shards
 
     t0 = time.perf_counter()
     build_image_encoder(cfg), build_text_encoder(cfg)
@@ -75,16 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print, do not update docs")
     args = parser.parse_args(argv)
 
-    from data_pipeline.encoders.common import quiet_hub_libraries
-    from data_pipeline.encoders.tiny import save_tiny_clip, save_tiny_open_clip, save_tiny_vae
-    from data_pipeline.preprocess.config import (
+    from scaletrain.config import load_config
+    from scaletrain.data.encoders.common import quiet_hub_libraries
+    from scaletrain.data.encoders.tiny import save_tiny_clip, save_tiny_open_clip, save_tiny_vae
+    from scaletrain.data.preprocess.config import (
         ClipGConfig,
         ClipLConfig,
         ImageEncoderConfig,
         TextEncoderConfig,
     )
-    from data_pipeline.synthetic import CAPTION_WORDS, write_synthetic_shards
-    from scaletrain.config import load_config
+    from scaletrain.data.synthetic import CAPTION_WORDS, write_synthetic_shards
 
     quiet_hub_libraries()
     torch.set_num_threads(1)

@@ -186,10 +186,9 @@ def run_worker(stage: int, width: int, depth: int, out_path: Path) -> None:
     import torch
     from torch import nn
 
-    from launch.env import dist_env_from_environ
+    from scaletrain.core.dist_env import dist_env_from_environ, import_deepspeed
     from scaletrain.train.config import EMAConfig
     from scaletrain.train.ema import ShardedEMA, master_weight_fragments
-    from scaletrain.train.engine import import_deepspeed
 
     deepspeed = import_deepspeed()  # CPU accelerator, no JIT build of the shm comm op
 

@@ -9,25 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.loader.config import DataConfig
-from data_pipeline.preprocess.config import PreprocessConfig
-from launch.config import SlurmConfig
-from scaletrain.config_base import (
+from scaletrain.core.config_base import (
     ConfigError,
     apply_overrides,
-    dump_yaml,
     from_dict,
     load_yaml,
     require,
 )
+from scaletrain.data.loader.config import DataConfig
+from scaletrain.data.preprocess.config import PreprocessConfig
 from scaletrain.diffusion.config import DiffusionConfig
-from scaletrain.models.config import MMDiTConfig, UNetConfig
+from scaletrain.launch.config import SlurmConfig
+from scaletrain.models.config import ModelConfig, UNetConfig
 from scaletrain.train.config import CheckpointConfig, EMAConfig, TrainConfig
 from scaletrain.train.monitor.config import LoggingConfig, ValidationConfig
 
-ModelConfig = UNetConfig | MMDiTConfig
-
-__all__ = ["RootConfig", "ModelConfig", "ConfigError", "load_config", "save_config"]
+__all__ = ["RootConfig", "ModelConfig", "ConfigError", "load_config"]
 
 
 @dataclass
@@ -55,18 +52,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return from_dict(RootConfig, data)
-
-
-def config_from_dict(data: dict) -> RootConfig:
-    return from_dict(RootConfig, data)
-
-
-def save_config(cfg: RootConfig, run_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config into the run directory (atomically) and return its path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / name
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_yaml(cfg), encoding="utf-8")
-    tmp.replace(target)
-    return target

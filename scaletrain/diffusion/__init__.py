@@ -66,9 +66,9 @@ def build_schedule(cfg: DiffusionConfig) -> DiscreteSchedule | None:
 def build_objective(
     cfg: DiffusionConfig, null_cond: Mapping[str, torch.Tensor] | None = None
 ) -> Objective:
-    """The training objective. ``null_cond`` ({"encoder_hidden_states": (L, D), "pooled": (P,),
-    optional "encoder_attention_mask": (L,)}) is the empty-prompt encoding that cfg_null
-    'empty_prompt' substitutes; a batch may instead carry it as batch["null_cond"]."""
+    """The training objective. ``null_cond`` ({"encoder_hidden_states": (L, D), "pooled": (P,)})
+    is the empty-prompt encoding that cfg_null 'empty_prompt' substitutes; a batch may instead
+    carry it as batch["null_cond"]."""
     if cfg.is_flow:
         return FlowObjective(cfg, null_cond=null_cond)
     return DiscreteObjective(cfg, null_cond=null_cond)

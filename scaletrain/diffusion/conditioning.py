@@ -1,9 +1,15 @@
 """Conditioning: the cond dict, classifier-free-guidance dropout, null conditioning, model calls.
 
 A cond dict holds the per-sample conditioning tensors a backbone consumes, under the loader's
-batch keys: ``encoder_hidden_states`` (B, L, D), ``encoder_attention_mask`` (B, L) bool,
-``pooled`` (B, P) and ``time_ids`` (B, 6) (SDXL micro-conditioning, Podell et al. 2023 sec.
-2.2). Any of them may be absent (an MMDiT has no time_ids).
+batch keys: ``encoder_hidden_states`` (B, L, D), ``pooled`` (B, P) and ``time_ids`` (B, 6)
+(SDXL micro-conditioning, Podell et al. 2023 sec. 2.2). Any of them may be absent (an MMDiT
+has no time_ids).
+
+There is no attention mask: the models attend to all L text positions, zero padding
+included, as SDXL and SD3 do and as diffusers' pipelines run them, so what trains here is
+what runs there. The padding is part of the conditioning; keep ``data.max_text_tokens``
+fixed over a run (and, to fine-tune released weights, store the text as the released model
+saw it).
 
 CFG dropout (Ho & Salimans 2022) is applied here at train time, per sample and per step from
 the objective's generator, so each epoch drops different samples and a seed replays it.
@@ -17,7 +23,7 @@ from typing import Any
 
 import torch
 
-COND_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "pooled", "time_ids")
+COND_KEYS = ("encoder_hidden_states", "pooled", "time_ids")
 NULL_MODES = ("zeros", "empty_prompt")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
@@ -33,19 +39,14 @@ def cond_from_batch(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 def _null_tokens(
     like: torch.Tensor, null_cond: Mapping[str, torch.Tensor] | None, mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The null text tokens (L, D) shaped like one row of ``like`` (B, L, D), and their mask (L,).
+) -> torch.Tensor:
+    """The null text tokens (L, D) shaped like one row of ``like`` (B, L, D).
 
-    zeros: all-zero tokens, every position attended (no prompt length leaks in, and a
-    softmax over all-masked keys would be undefined). empty_prompt: the stored encoding of the
-    empty caption, zero-padded to L like the loader pads real captions; its mask marks its own
-    tokens (or the mask stored with it)."""
+    zeros: all-zero tokens. empty_prompt: the stored encoding of the empty caption, laid out
+    as the loader lays out a caption: zero-padded to L, or cut to L."""
     _, length, dim = like.shape
     if mode == "zeros":
-        return (
-            torch.zeros(length, dim, dtype=like.dtype, device=like.device),
-            torch.ones(length, dtype=torch.bool, device=like.device),
-        )
+        return torch.zeros(length, dim, dtype=like.dtype, device=like.device)
     tokens = _require_null(null_cond, "encoder_hidden_states")
     if tokens.ndim == 3 and tokens.shape[0] == 1:
         tokens = tokens[0]
@@ -54,30 +55,10 @@ def _null_tokens(
             f"null_cond['encoder_hidden_states']: expected (L, {dim}) to match the batch's "
             f"encoder_hidden_states {tuple(like.shape)}, got {tuple(tokens.shape)}"
         )
-    null_len = tokens.shape[0]
-    mask = null_cond.get("encoder_attention_mask")
-    if mask is not None:
-        mask = mask.reshape(-1).bool()
-        if mask.numel() != null_len:
-            raise ValueError(
-                f"null_cond['encoder_attention_mask'] has {mask.numel()} entries for "
-                f"{null_len} empty-prompt tokens"
-            )
-    else:
-        mask = torch.ones(null_len, dtype=torch.bool)
-    if null_len > length:
-        # Trailing padding of the stored encoding may be cut; real tokens may not.
-        if bool(mask[length:].any()):
-            raise ValueError(
-                f"null_cond['encoder_hidden_states'] has {int(mask.sum())} tokens, more than "
-                f"the batch's token length {length}"
-            )
-        tokens, mask = tokens[:length], mask[:length]
     out = torch.zeros(length, dim, dtype=like.dtype, device=like.device)
-    out[: tokens.shape[0]] = tokens.to(like)
-    out_mask = torch.zeros(length, dtype=torch.bool, device=like.device)
-    out_mask[: mask.shape[0]] = mask.to(like.device)
-    return out, out_mask
+    n = min(length, tokens.shape[0])
+    out[:n] = tokens[:n].to(out)
+    return out
 
 
 def _null_pooled(
@@ -127,12 +108,8 @@ def drop_conditioning(
     out = dict(cond)
     hidden = cond.get("encoder_hidden_states")
     if hidden is not None and bool(text.any()):
-        tokens, mask = _null_tokens(hidden, null_cond, mode)
-        out["encoder_hidden_states"] = _replace_rows(hidden, text, tokens)
-        if cond.get("encoder_attention_mask") is not None:
-            out["encoder_attention_mask"] = _replace_rows(
-                cond["encoder_attention_mask"], text, mask
-            )
+        out["encoder_hidden_states"] = _replace_rows(hidden, text,
+                                                     _null_tokens(hidden, null_cond, mode))
     if cond.get("pooled") is not None and bool(pooled.any()):
         out["pooled"] = _replace_rows(
             cond["pooled"], pooled, _null_pooled(cond["pooled"], null_cond, mode)
@@ -232,7 +209,8 @@ def make_model_fn(model: Callable[..., Any], arch: str) -> ModelFn:
 
     * ``unet``: model(sample, timestep, encoder_hidden_states,
       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}) (SDXL);
-    * ``mmdit``: model(hidden_states, encoder_hidden_states, pooled_projections, timestep) (SD3).
+    * ``mmdit``: model(hidden_states, encoder_hidden_states, pooled_projections, timestep) (SD3);
+    * ``toy``: model(sample, timestep, pooled_projections) (:mod:`scaletrain.models.toy`).
     """
     if arch == "unet":
 
@@ -263,4 +241,27 @@ def make_model_fn(model: Callable[..., Any], arch: str) -> ModelFn:
             )
 
         return mmdit_fn
-    raise ValueError(f"unknown arch {arch!r}; expected 'unet' or 'mmdit'")
+    if arch == "toy":
+
+        def toy_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]):
+            return _unwrap(model(sample=x, timestep=t,
+                                 pooled_projections=_need(cond, "pooled", arch)))
+
+        return toy_fn
+    raise ValueError(f"unknown arch {arch!r}; expected 'unet', 'mmdit' or 'toy'")
+
+
+def cast_inputs(model_fn: ModelFn, dtype: torch.dtype) -> ModelFn:
+    """Wrap ``model_fn(x, t, cond)`` so the noisy input and floating conditioning reach the
+    model in its working dtype (bf16 weights reject fp32 inputs). Timesteps stay fp32: the
+    models embed them in fp32 before casting, and bf16 cannot hold t = 999 exactly."""
+    if dtype == torch.float32:
+        return model_fn
+
+    def cast(v):
+        return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+    def fn(x, t, cond):
+        return model_fn(cast(x), t, {k: cast(v) for k, v in cond.items()})
+
+    return fn

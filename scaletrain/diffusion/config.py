@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Literal, get_args, get_origin
 
-from scaletrain.config_base import require
+from scaletrain.core.config_base import require
 
 # SD3 eq. 20: the mode sampler's map is monotone (a valid density) only for this range of s.
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)

@@ -184,8 +184,8 @@ class Sampler:
 # --------------------------------------------------------------------------- discrete
 
 
-class DDIMSampler(Sampler):
-    """DDIM with eta on a discrete schedule (Song et al. 2021)."""
+class DiscreteSampler(Sampler):
+    """A sampler on a discrete noise schedule: its timestep spacing and ancestral noise eta."""
 
     def __init__(
         self,
@@ -201,6 +201,10 @@ class DDIMSampler(Sampler):
         self.schedule = schedule
         self.eta = eta
         self.spacing = spacing
+
+
+class DDIMSampler(DiscreteSampler):
+    """DDIM with eta on a discrete schedule (Song et al. 2021)."""
 
     def sample(self, predict, x, steps, gen):
         timesteps = self.schedule.inference_timesteps(steps, self.spacing)
@@ -220,24 +224,13 @@ class DDIMSampler(Sampler):
         raise AssertionError("unreachable")
 
 
-class EulerSampler(Sampler):
-    """Euler (ancestral for eta > 0) in the VE variables of a discrete schedule."""
+class EulerSampler(DiscreteSampler):
+    """Euler (ancestral for eta > 0) in the VE variables of a discrete schedule; with
+    ``karras_sigmas`` on the noise levels of Karras et al. 2022 (eq. 5)."""
 
-    def __init__(
-        self,
-        schedule: DiscreteSchedule,
-        kind: str,
-        steps: int = 30,
-        eta: float = 0.0,
-        spacing: str = "trailing",
-        karras_sigmas: bool = False,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
-    ):
-        super().__init__(kind, steps, guidance_scale, guidance_rescale)
-        self.schedule = schedule
-        self.eta = eta
-        self.spacing = spacing
+    def __init__(self, schedule: DiscreteSchedule, kind: str, steps: int = 30,
+                 karras_sigmas: bool = False, **kwargs):
+        super().__init__(schedule, kind, steps, **kwargs)
         self.karras_sigmas = karras_sigmas
 
     def grid(self, steps: int) -> tuple[list[float], list[float]]:
@@ -280,14 +273,19 @@ class EulerSampler(Sampler):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x0, eps = self.denoise(predict, x, sigma, t)
             if sigma_next == 0:
-                return x0
-            sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
-            # VE Euler step: x/a + (sigma_down - sigma) eps_hat = x0_hat + sigma_down eps_hat.
-            x_ve = x0 + sigma_down * eps
-            if sigma_up > 0:
-                x_ve = x_ve + sigma_up * self._noise_like(x, gen)
-            x = x_ve / math.sqrt(1 + sigma_next**2)
+                return x0  # the last step lands on x0_hat
+            x = self.step(predict, x, x0, eps, sigma, sigma_next, gen)
+            x = x / math.sqrt(1 + sigma_next**2)  # back from VE to VP variables
         raise AssertionError("unreachable")
+
+    def step(self, predict, x, x0, eps, sigma, sigma_next, gen) -> torch.Tensor:
+        """The VE state at sigma_next, from x0_hat and eps_hat at sigma."""
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
+        # VE Euler step: x/a + (sigma_down - sigma) eps_hat = x0_hat + sigma_down eps_hat.
+        x_ve = x0 + sigma_down * eps
+        if sigma_up > 0:
+            x_ve = x_ve + sigma_up * self._noise_like(x, gen)
+        return x_ve
 
 
 class DPM2Sampler(EulerSampler):
@@ -306,24 +304,15 @@ class DPM2Sampler(EulerSampler):
             raise ValueError("dpm2 is deterministic; eta must be 0")
         super().__init__(schedule, kind, steps, **kwargs)
 
-    def sample(self, predict, x, steps, gen):
-        sigmas, timesteps = self.grid(steps)
-        for i, t in enumerate(timesteps):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            x0, eps = self.denoise(predict, x, sigma, t)
-            if sigma_next == 0:
-                return x0
-            if math.isinf(sigma):
-                x_ve = x0 + sigma_next * eps
-            else:
-                sigma_mid = math.sqrt(sigma * sigma_next)
-                t_mid = float(self.schedule.timestep_of_sigma(torch.tensor(sigma_mid)))
-                x_mid = (x0 + sigma_mid * eps) / math.sqrt(1 + sigma_mid**2)
-                _, eps_mid = self.denoise(predict, x_mid, sigma_mid, t_mid)
-                # x/a + (sigma_next - sigma) eps_mid, with x/a = x0_hat + sigma eps_hat.
-                x_ve = x0 + sigma * eps + (sigma_next - sigma) * eps_mid
-            x = x_ve / math.sqrt(1 + sigma_next**2)
-        raise AssertionError("unreachable")
+    def step(self, predict, x, x0, eps, sigma, sigma_next, gen) -> torch.Tensor:
+        if math.isinf(sigma):
+            return x0 + sigma_next * eps
+        sigma_mid = math.sqrt(sigma * sigma_next)
+        t_mid = float(self.schedule.timestep_of_sigma(torch.tensor(sigma_mid)))
+        x_mid = (x0 + sigma_mid * eps) / math.sqrt(1 + sigma_mid**2)
+        _, eps_mid = self.denoise(predict, x_mid, sigma_mid, t_mid)
+        # x/a + (sigma_next - sigma) eps_mid, with x/a = x0_hat + sigma eps_hat.
+        return x0 + sigma * eps + (sigma_next - sigma) * eps_mid
 
 
 # --------------------------------------------------------------------------- flow

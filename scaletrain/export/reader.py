@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
-from scaletrain.config_base import from_dict
+from scaletrain.core.config_base import from_dict
+from scaletrain.data.preprocess.config import PreprocessConfig
+from scaletrain.diffusion.config import DiffusionConfig
 from scaletrain.export.layout import (
     DIFFUSERS,
     DIFFUSERS_WEIGHTS_NAME,
@@ -19,6 +22,8 @@ from scaletrain.export.layout import (
     ExportError,
     read_metadata,
 )
+from scaletrain.models import build_model
+from scaletrain.models.config import MMDiTConfig, ToyConfig, UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +43,7 @@ class LoadedExport:
 
 
 def model_config_from_dict(data: dict[str, Any]):
-    from scaletrain.models.config import MMDiTConfig, UNetConfig
-
-    classes = {"unet": UNetConfig, "mmdit": MMDiTConfig}
+    classes = {"unet": UNetConfig, "mmdit": MMDiTConfig, "toy": ToyConfig}
     arch = data.get("arch")
     if arch not in classes:
         raise ExportError(f"model.arch: got {arch!r}; allowed: {', '.join(classes)}")
@@ -49,9 +52,6 @@ def model_config_from_dict(data: dict[str, Any]):
 
 def export_configs(meta: dict[str, Any]) -> tuple[Any, Any, Any, int]:
     """(model config, diffusion config, preprocess config, max_text_tokens) of an export."""
-    from data_pipeline.preprocess.config import PreprocessConfig
-    from scaletrain.diffusion.config import DiffusionConfig
-
     model_cfg = model_config_from_dict(meta["model"])
     diffusion = from_dict(DiffusionConfig, meta["diffusion"], "diffusion")
     preprocess = from_dict(PreprocessConfig, meta["preprocess"], "preprocess")
@@ -59,10 +59,6 @@ def export_configs(meta: dict[str, Any]) -> tuple[Any, Any, Any, int]:
 
 
 def _load_ours(path: Path, model_cfg, device, dtype) -> nn.Module:
-    from safetensors.torch import load_file
-
-    from scaletrain.models import build_model
-
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ExportError(f"{weights}: missing (the export's weights file)")
@@ -77,7 +73,7 @@ def _load_ours(path: Path, model_cfg, device, dtype) -> nn.Module:
 
 
 def _load_diffusers(path: Path, meta: dict[str, Any], device, dtype) -> nn.Module:
-    import diffusers
+    import diffusers  # only for this layout: it costs ~4 s to import (see writer.py)
 
     name = meta.get("diffusers_class")
     cls = getattr(diffusers, str(name), None)

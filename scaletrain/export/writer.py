@@ -1,9 +1,9 @@
 """Checkpoint -> one consolidated state dict -> an export directory (see :mod:`.layout`).
 
-Consolidation is the training engine's (``scaletrain.train.checkpoint``): EMA shards or the
-ZeRO fp32 master weights of any stage and world size, reassembled on the CPU; no GPU and no
-process group are needed. This module checks the result against the model the run's config
-builds, casts it, and writes it in our layout or diffusers'.
+Consolidation (:mod:`.consolidate`) reassembles EMA shards or the ZeRO fp32 master weights of
+any stage and world size on the CPU; no GPU and no process group are needed. This module
+checks the result against the model the run's config builds, casts it, and writes it in our
+layout or diffusers'.
 
 Every directory is written under a temporary name next to ``out`` and renamed at the end, so
 a crash never leaves a half-written export that looks complete.
@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
-from scaletrain.config import RootConfig, load_config
-from scaletrain.config_base import to_dict
+from scaletrain import __version__
+from scaletrain.core.config_base import ConfigError, from_dict, load_yaml, to_dict
+from scaletrain.core.run_dir import read_state, resolve_checkpoint
+from scaletrain.data.loader.config import DataConfig
+from scaletrain.data.preprocess.config import PreprocessConfig
+from scaletrain.data.shard_format import read_index
+from scaletrain.diffusion.config import DiffusionConfig
+from scaletrain.export.consolidate import consolidate_ema, consolidate_model
 from scaletrain.export.layout import (
     CONFIG_NAME,
     DIFFUSERS,
@@ -40,8 +47,9 @@ from scaletrain.export.layout import (
     WEIGHTS_NAME,
     ExportError,
 )
+from scaletrain.export.reader import model_config_from_dict
 from scaletrain.models import build_model
-from scaletrain.models.config import MMDiTConfig, UNetConfig
+from scaletrain.models.config import ModelConfig
 from scaletrain.models.diffusers_compat import (
     diffusers_class_name,
     diffusers_config,
@@ -51,9 +59,6 @@ from scaletrain.models.diffusers_compat import (
 )
 
 log = logging.getLogger(__name__)
-
-ModelConfig = UNetConfig | MMDiTConfig
-
 
 @dataclass
 class ExportResult:
@@ -71,12 +76,37 @@ class ExportResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def load_run_config(checkpoint: Path) -> RootConfig:
+@dataclass
+class RunSections:
+    """The sections of a run's config that an export records (export needs no more of it)."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    preprocess: PreprocessConfig
+    data: DataConfig
+    ema: dict[str, Any]
+
+
+def run_sections(data: dict[str, Any]) -> RunSections:
+    """Parse the export-relevant sections of a resolved run config (a dict from YAML)."""
+    return RunSections(
+        model=model_config_from_dict(data.get("model", {})),
+        diffusion=from_dict(DiffusionConfig, data.get("diffusion", {}), "diffusion"),
+        preprocess=from_dict(PreprocessConfig, data.get("preprocess", {}), "preprocess"),
+        data=from_dict(DataConfig, data.get("data", {}), "data"),
+        ema=dict(data.get("ema", {})),
+    )
+
+
+def load_run_config(checkpoint: Path) -> RunSections:
     """The resolved config saved with a checkpoint (or, failing that, with its run)."""
     candidates = [checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"]
     for path in candidates:
         if path.is_file():
-            return load_config(path)
+            try:
+                return run_sections(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+            except (ConfigError, yaml.YAMLError) as exc:
+                raise ExportError(f"{path}: {exc}") from exc
     raise ExportError(
         f"{checkpoint}: no config.yaml in the checkpoint or its run directory; the model "
         "config is needed to check and describe the weights"
@@ -122,8 +152,6 @@ def dataset_encoders(data_path: str) -> dict[str, Any] | None:
     """The encoders' identities recorded in the training data's index, if it is readable."""
     if not data_path:
         return None
-    from data_pipeline.shard_format import read_index
-
     try:
         index = read_index(data_path)
     except (OSError, ValueError):
@@ -131,7 +159,7 @@ def dataset_encoders(data_path: str) -> dict[str, Any] | None:
     return {k: index.get(k) for k in ("image_encoder", "text_encoder")}
 
 
-def encoder_warnings(cfg: RootConfig, dataset: dict[str, Any] | None) -> list[str]:
+def encoder_warnings(cfg: RunSections, dataset: dict[str, Any] | None) -> list[str]:
     """Where the preprocess section that will rebuild the encoders disagrees with the data the
     model was trained on, or with the model's own widths. Recorded, not refused: the section
     can be corrected at sampling time (``scaletrain sample --encoders``)."""
@@ -159,7 +187,7 @@ def encoder_warnings(cfg: RootConfig, dataset: dict[str, Any] | None) -> list[st
 
 
 def export_metadata(
-    cfg: RootConfig,
+    cfg: RunSections,
     layout: str,
     weights: str,
     dtype: str,
@@ -175,8 +203,6 @@ def export_metadata(
     }
     if layout == DIFFUSERS:
         meta["diffusers_class"] = diffusers_class_name(cfg.model)
-    from scaletrain import __version__
-
     meta.update(
         model=to_dict(cfg.model),
         diffusion=to_dict(cfg.diffusion),
@@ -215,13 +241,12 @@ def _diffusers_files(
     weights.update(diffusers_extra_state(model_cfg))
     weights = _cast(weights, dtype)
     config = {"_class_name": diffusers_class_name(model_cfg)}
-    try:
-        import diffusers
+    # diffusers is imported only for this layout: it adds ~4 s to every process that imports
+    # it (measured on the 2-core CI machine), and training imports this package.
+    import diffusers
 
-        config["_diffusers_version"] = diffusers.__version__
-        _check_against_diffusers(weights, model_cfg)
-    except ImportError:
-        log.warning("diffusers is not installed: the diffusers layout is written unchecked")
+    config["_diffusers_version"] = diffusers.__version__
+    _check_against_diffusers(weights, model_cfg)
     config.update(diffusers_config(model_cfg))
     save_file(weights, str(staging / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
     _write_json(staging / CONFIG_NAME, config)
@@ -230,7 +255,7 @@ def _diffusers_files(
 def _check_against_diffusers(weights: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> None:
     """Build diffusers' class on the meta device and compare names and shapes: a file that
     ``from_pretrained`` would load with missing or unexpected keys is never written."""
-    import diffusers
+    import diffusers  # only for this layout (see _diffusers_files)
 
     cls = getattr(diffusers, diffusers_class_name(model_cfg))
     with torch.device("meta"):
@@ -260,7 +285,7 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
 
 def export_state_dict(
     state: Mapping[str, torch.Tensor],
-    cfg: RootConfig,
+    cfg: RunSections,
     out_dir: str | Path,
     *,
     layout: str = SAFETENSORS,
@@ -328,8 +353,6 @@ def export_state_dict(
 
 def consolidated_weights(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a complete checkpoint directory: the EMA or the raw master weights."""
-    from scaletrain.train.checkpoint import consolidate_ema, consolidate_model
-
     try:
         if weights == "ema":
             return consolidate_ema(checkpoint)
@@ -356,8 +379,6 @@ def export_checkpoint(
     optional YAML whose preprocess section replaces the run's as the record of which image
     and text encoders go with the model (for runs trained on data preprocessed elsewhere).
     """
-    from scaletrain.train.checkpoint import read_state, resolve_checkpoint
-
     if weights not in WEIGHT_KINDS:
         raise ExportError(f"--weights: got {weights!r}; allowed: {', '.join(WEIGHT_KINDS)}")
     try:
@@ -366,7 +387,8 @@ def export_checkpoint(
         raise ExportError(str(exc)) from exc
     cfg = load_run_config(checkpoint)
     if encoders is not None:
-        cfg.preprocess = load_config(encoders).preprocess
+        cfg.preprocess = from_dict(PreprocessConfig, load_yaml(encoders).get("preprocess", {}),
+                                   "preprocess")
     if layout == DIFFUSERS:
         check_diffusers_exportable(cfg.model)  # before the (slow) consolidation
     state_json = read_state(checkpoint)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scaletrain.config_base import require
+from scaletrain.core.config_base import require
 
 # Skip-scaling modes of the U-Net's long skips (seed 001 § 5.2):
 #   none      w_s = 1                                   (SDXL)
@@ -207,3 +207,27 @@ class MMDiTConfig:
     @property
     def hidden_size(self) -> int:
         return self.heads * self.head_dim
+
+
+@dataclass
+class ToyConfig:
+    """A small MLP denoiser (``models/toy.py``): engine tests and benchmarks, not for images.
+
+    It takes the latent, the timestep and the pooled text embedding only (no token states),
+    so it trains on ``data.synthetic`` tensors as well as on real shards."""
+
+    arch: Literal["toy"] = "toy"
+    in_channels: int = 4
+    sample_size: int = 8  # latent height/width; the MLP sees in_channels * sample_size^2 values
+    pooled_projection_dim: int = 16
+    width: int = 64  # hidden width
+    depth: int = 4  # linear layers before the output
+    text_seq_len: int = 0  # no token states (model-info reads this field)
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "sample_size", "pooled_projection_dim", "width", "depth"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+
+
+# The ``model`` section: a tagged union on ``arch``, so overrides stay flat (model.depth=24).
+ModelConfig = UNetConfig | MMDiTConfig | ToyConfig

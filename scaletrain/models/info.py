@@ -1,4 +1,4 @@
-"""``scaletrain model-info CONFIG [KEY=VALUE ...] [--json]``: parameters and FLOPs of a model.
+"""Parameters and FLOPs of a model config (``scaletrain model-info`` prints them).
 
 The model is built on the meta device and one forward (and backward) is traced there with
 ``torch.utils.flop_counter.FlopCounterMode``, so no memory is allocated: an 8B config can be
@@ -9,21 +9,14 @@ The config may be a full run config or a model preset (a file with a ``model:`` 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaletrain.cli import add_config_arguments, resolve_config
-from scaletrain.config_base import to_dict
-from scaletrain.models import build_model, count_parameters
-from scaletrain.models.config import MMDiTConfig, UNetConfig
+from scaletrain.models.build import build_model, count_parameters
+from scaletrain.models.config import ModelConfig
 from scaletrain.models.inputs import example_inputs
 
 
-def model_info(cfg: UNetConfig | MMDiTConfig, with_backward: bool = True) -> dict:
+def model_info(cfg: ModelConfig, with_backward: bool = True) -> dict:
     """{"arch", "params", "flops_per_sample", ["train_flops_per_sample"], ...} on meta."""
     model = build_model(cfg, device="meta")
     inputs = example_inputs(cfg, batch_size=1, device="meta")
@@ -43,36 +36,3 @@ def model_info(cfg: UNetConfig | MMDiTConfig, with_backward: bool = True) -> dic
             backward_counter.get_total_flops()
         )
     return info
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--no-backward",
-        action="store_true",
-        help="count the forward only (skips train_flops_per_sample; faster for huge models)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    if cfg is None:  # --dry-run printed the config
-        return 0
-    torch.manual_seed(0)
-    info = model_info(cfg.model, with_backward=not args.no_backward)
-    if args.json:
-        sys.stdout.write(json.dumps(info) + "\n")
-        return 0
-    lines = [
-        f"arch:                 {info['arch']}",
-        f"parameters:           {info['params']:,} ({info['params'] / 1e9:.3f} B)",
-        f"resolution:           {info['sample_size']}x{info['sample_size']} latents, "
-        f"{info['text_seq_len']} text tokens",
-        f"forward FLOPs/sample: {info['flops_per_sample'] / 1e12:.3f} TFLOP",
-    ]
-    if "train_flops_per_sample" in info:
-        lines.append(f"fwd+bwd FLOPs/sample: {info['train_flops_per_sample'] / 1e12:.3f} TFLOP")
-    lines.append("config: " + json.dumps(to_dict(cfg.model)))
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0

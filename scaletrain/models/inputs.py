@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from scaletrain.models.config import MMDiTConfig, UNetConfig
+from scaletrain.models.config import MMDiTConfig, ModelConfig, ToyConfig
 
 
 def example_inputs(
-    cfg: UNetConfig | MMDiTConfig,
+    cfg: ModelConfig,
     batch_size: int = 1,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -31,6 +31,12 @@ def example_inputs(
         return torch.rand(n, generator=generator).to(device)
 
     b, size = batch_size, cfg.sample_size
+    if isinstance(cfg, ToyConfig):
+        return {
+            "sample": randn(b, cfg.in_channels, size, size),
+            "timestep": rand(b) * 1000.0,
+            "pooled_projections": randn(b, cfg.pooled_projection_dim),
+        }
     if isinstance(cfg, MMDiTConfig):
         return {
             "hidden_states": randn(b, cfg.in_channels, size, size),

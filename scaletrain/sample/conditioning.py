@@ -1,6 +1,6 @@
 """Prompts -> the conditioning dict a model was trained on, built exactly as training built it.
 
-Text goes through the run's own text encoder (``data_pipeline.encoders.build_text_encoder``),
+Text goes through the run's own text encoder (``scaletrain.data.encoders.build_text_encoder``),
 is cut per prompt as a shard stores it (``unbatch_text``), and padded into the loader's batch
 layout (``text_context``: CLIP then T5 tokens, zero padding to ``data.max_text_tokens``), so
 a prompt reaches the model as its caption did in training. U-Nets also get SDXL's
@@ -18,11 +18,17 @@ from collections.abc import Sequence
 
 import torch
 
+from scaletrain.data.encoders import build_text_encoder, unbatch_text
+from scaletrain.data.loader.batching import text_context
 from scaletrain.diffusion.conditioning import make_uncond
 
 
 class PromptConditioner:
-    """``cond(prompts, height, width)`` and ``uncond(cond, negative)`` for one model."""
+    """``cond(prompts, height, width)`` and ``uncond(cond, negative)`` for one model.
+
+    Each distinct prompt is encoded once. ``release_encoder(prompts)`` encodes what will be
+    needed and then drops the text encoder (a training run's validation keeps a few prompts,
+    not several GB of text encoders, for its whole length)."""
 
     def __init__(
         self,
@@ -32,8 +38,6 @@ class PromptConditioner:
         cfg_null: str = "zeros",
         device: str | torch.device | None = "cpu",
     ) -> None:
-        from data_pipeline.encoders import build_text_encoder
-
         self.encoder = build_text_encoder(preprocess, device=device)
         self.max_text_tokens = int(max_text_tokens)
         self.arch = arch
@@ -41,17 +45,23 @@ class PromptConditioner:
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``encoder_hidden_states`` (B, L, D), ``encoder_attention_mask`` (B, L), ``pooled``
-        (B, P), float32 on the CPU; each distinct prompt is encoded once."""
-        from data_pipeline.encoders import unbatch_text
-        from data_pipeline.loader.batching import text_context
-
+        """``encoder_hidden_states`` (B, L, D) and ``pooled`` (B, P), float32 on the CPU; each
+        distinct prompt is encoded once."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo:
+            if self.encoder is None:
+                raise ValueError(f"prompt {todo[0]!r} was not encoded before the text encoder "
+                                 "was released")
             for prompt, record in zip(todo, unbatch_text(self.encoder.encode(todo))):
                 self._cache[prompt] = text_context(record, self.max_text_tokens)
         rows = [self._cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def release_encoder(self, prompts: Sequence[str] = ()) -> None:
+        """Encode ``prompts`` (and the empty prompt, the guidance baseline), then free the
+        text encoder; later calls may only use prompts encoded by then."""
+        self.text([*prompts, ""])
+        self.encoder = None
 
     def time_ids(self, batch: int, height: int, width: int) -> torch.Tensor:
         row = [float(height), float(width), 0.0, 0.0, float(height), float(width)]

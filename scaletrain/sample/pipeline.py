@@ -3,11 +3,8 @@
     records = sample_images("exports/step_1000", ["a red circle"], steps=30, cfg_scale=5.0,
                             seed=[0, 1], out_dir="samples")
 
-One image per (prompt, seed), in that order: prompt-major, seeds inner. Each image's initial
-noise is drawn from its own CPU generator seeded with its seed, so an image depends on its
-prompt, seed and settings only, not on which other images share its batch (up to float
-rounding of batched kernels). Stochastic samplers (eta > 0) draw their later noise from one
-generator per batch, seeded from the batch's first seed.
+One image per (prompt, seed), in that order: prompt-major, seeds inner. The images come from
+:func:`scaletrain.sample.generate.generate`, the path training's validation grids take too.
 """
 
 from __future__ import annotations
@@ -23,8 +20,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from scaletrain.core.files import atomic_output, atomic_write
+from scaletrain.data.encoders import build_image_encoder
+from scaletrain.data.encoders.common import quiet_hub_libraries
+from scaletrain.diffusion import build_sampler, make_model_fn
+from scaletrain.diffusion.conditioning import cast_inputs
 from scaletrain.export.reader import LoadedExport, load_export
 from scaletrain.sample.conditioning import PromptConditioner
+from scaletrain.sample.generate import generate
+from scaletrain.sample.image_grid import images_to_uint8, save_image_grid
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +96,8 @@ def _image_size(export: LoadedExport, image_encoder, height: int | None, width: 
 
 
 def _write_png(pixels: torch.Tensor, path: Path) -> None:
-    from scaletrain.train.monitor.image_grid import images_to_uint8
-
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(images_to_uint8(pixels[None])[0]).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(images_to_uint8(pixels[None])[0]).save(tmp, format="PNG")
 
 
 def sample_images(
@@ -128,10 +129,6 @@ def sample_images(
     ``preprocess`` (a PreprocessConfig) overrides the export's encoders; ``export`` reuses an
     already loaded export.
     """
-    from data_pipeline.encoders import build_image_encoder
-    from data_pipeline.encoders.common import quiet_hub_libraries
-    from scaletrain.diffusion import build_sampler, make_model_fn
-
     quiet_hub_libraries()  # no per-model load reports and progress bars from transformers
 
     prompts = [str(p) for p in prompts]
@@ -164,53 +161,34 @@ def sample_images(
         diffusion, name=sampler, steps=steps, guidance_scale=cfg_scale,
         guidance_rescale=guidance_rescale, eta=eta,
     )
-    scale = run_sampler.guidance_scale
-    model_fn = _in_dtype(make_model_fn(export.model, export.arch), dtype)
-    f = image_encoder.downsample
-    latent_shape = (export.model_config.in_channels, height // f, width // f)
+    model_fn = cast_inputs(make_model_fn(export.model, export.arch), dtype)
 
     jobs = [(p, s) for p in prompts for s in seeds]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    images: list[torch.Tensor] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        batch_prompts = [p for p, _ in chunk]
-        cond = conditioner.cond(batch_prompts, height, width)
-        uncond = conditioner.uncond(cond, negative_prompt) if scale != 1.0 else None
-        noise = torch.stack([
-            torch.randn(latent_shape, generator=torch.Generator().manual_seed(s))
-            for _, s in chunk
-        ])
-        gen = torch.Generator(device=device).manual_seed(chunk[0][1])
-        with torch.no_grad():
-            latents = run_sampler(
-                model_fn,
-                noise.to(device),
-                _to(cond, device, dtype),
-                _to(uncond, device, dtype) if uncond is not None else None,
-                generator=gen,
-            )
-            pixels = image_encoder.decode(image_encoder.unscale(latents.float()))
-        for i, (prompt, s) in enumerate(chunk):
+
+    def write(start: int, pixels: torch.Tensor) -> None:
+        for i, (prompt, s) in enumerate(jobs[start : start + len(pixels)]):
             name = image_file_name(start + i, prompt, s)
             _write_png(pixels[i], out / name)
             records.append({"prompt": prompt, "file": name, "seed": s})
-            images.append(pixels[i].cpu())
         log.info("sampled %d/%d images", len(records), len(jobs))
 
-    _write_records(out / RECORDS_NAME, records)
-    from scaletrain.train.monitor.image_grid import save_image_grid
-
+    images = generate(
+        model_fn, run_sampler, conditioner, image_encoder, [p for p, _ in jobs],
+        [s for _, s in jobs], height, width, batch_size=batch_size, device=device,
+        negative_prompt=negative_prompt, on_batch=write,
+    )
+    atomic_write(out / RECORDS_NAME, "".join(json.dumps(r) + "\n" for r in records))
     nrow = len(seeds) if len(seeds) > 1 else max(1, math.ceil(math.sqrt(len(images))))
-    save_image_grid(torch.stack(images), out / GRID_NAME, nrow=nrow)
+    save_image_grid(images, out / GRID_NAME, nrow=nrow)
     settings = {
         "weights": str(export.path),
         "step": export.metadata.get("provenance", {}).get("step"),
         "sampler": run_sampler.__class__.__name__,
         "steps": run_sampler.steps,
-        "cfg_scale": scale,
+        "cfg_scale": run_sampler.guidance_scale,
         "guidance_rescale": run_sampler.guidance_rescale,
         "negative_prompt": negative_prompt,
         "cfg_null": diffusion.cfg_null,
@@ -219,26 +197,5 @@ def sample_images(
         "seeds": seeds,
         "num_images": len(records),
     }
-    (out / SETTINGS_NAME).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    atomic_write(out / SETTINGS_NAME, json.dumps(settings, indent=1) + "\n")
     return records
-
-
-def _in_dtype(model_fn, dtype: torch.dtype):
-    """The samplers keep x in float32; a model held in another dtype gets its input cast."""
-    if dtype == torch.float32:
-        return model_fn
-    return lambda x, t, cond: model_fn(x.to(dtype), t, cond)
-
-
-def _to(cond: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-    return {
-        k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()
-    }
-
-
-def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-    tmp.replace(path)

@@ -1,4 +1,4 @@
-"""Resume checkpoints: atomic, self-describing, loadable at another world size.
+"""Resume checkpoints: one owner for saving and restoring every piece of training state.
 
 Layout of one checkpoint (``run_dir/checkpoints/step_{N:09d}/``)::
 
@@ -16,6 +16,13 @@ It is written under ``.tmp_step_{N:09d}``; once every rank has written its part,
 writes the marker and renames the directory, then rewrites ``checkpoints/latest`` (a file
 naming the newest complete directory). A directory without its marker (a crash mid-write)
 is never loaded. Only the newest ``keep_last`` complete checkpoints are kept.
+
+:class:`CheckpointManager` holds the engine (model + optimizer, saved by DeepSpeed), the
+train state (``state.json``) and a dict of per-rank stateful objects (EMA, loader, RNG),
+and has one ``save(step)`` and one ``restore()``. A resume at another world size is handled
+inside ``restore``: DeepSpeed's checkpoint is converted to a universal one, the EMA shards
+are re-sliced, the loader states merged; RNG states are per rank and start afresh
+(torchtitan's ``CheckpointManager`` and edm2's ``CheckpointIO`` are the models).
 """
 
 from __future__ import annotations
@@ -23,86 +30,71 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from scaletrain.core.config_base import ConfigError
+from scaletrain.core.dist_env import import_deepspeed
+from scaletrain.core.files import atomic_write
+from scaletrain.core.run_dir import (
+    LATEST,
+    MARKER,
+    STATE,
+    TMP_PREFIX,
+    checkpoint_step,
+    checkpoints_dir,
+    complete_checkpoints,
+    find_latest,
+    rank_file,
+    rank_files,
+    read_state,
+    step_dir_name,
+)
+from scaletrain.data.loader import merge_states
+from scaletrain.export.consolidate import DS_TAG
+from scaletrain.train.config import CheckpointConfig
+
+import_deepspeed()
+from deepspeed.checkpoint import ds_to_universal  # noqa: E402
+from deepspeed.checkpoint.constants import (  # noqa: E402
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-MARKER = "COMPLETE"
-STATE = "state.json"
-DS_TAG = "ds"
 UNIVERSAL_TAG = "universal"
-TMP_PREFIX = ".tmp_"
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:09d}"
+@dataclass
+class TrainState:
+    """The loop's counters: what ``state.json`` records besides the run's shape."""
+
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0
+    skipped_steps: int = 0  # steps whose update was discarded (non-finite loss or gradients)
 
 
-def rank_file(kind: str, rank: int) -> str:
-    return f"{kind}/rank_{rank:05d}.pt"
+@dataclass
+class PerRank:
+    """A stateful object each rank saves to ``KIND/rank_{r:05d}.pt``.
 
+    ``load_own`` takes this rank's own file when the world size is unchanged; ``load_all``
+    takes every rank's file (paths) when it changed, or is None for state that does not
+    carry over to another layout (it then keeps its fresh value)."""
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file() and (path / STATE).is_file()
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.glob("step_*"):
-        suffix = path.name[len("step_"):]
-        if path.is_dir() and suffix.isdigit() and is_complete(path):
-            found.append((int(suffix), path))
-    return [p for _, p in sorted(found)]
-
-
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None.
-
-    ``latest`` is a hint for people and tools; the scan decides, so a crash between the
-    rename and the rewrite of ``latest`` (or a stale ``latest``) cannot lose a step.
-    """
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
-
-
-def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
-    """A checkpoint directory from a run dir (newest or ``step``) or a checkpoint dir itself."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    if step is not None:
-        candidate = checkpoints_dir(path) / step_dir_name(step)
-        if not is_complete(candidate):
-            raise FileNotFoundError(f"{candidate}: no complete checkpoint for step {step}")
-        return candidate
-    latest = find_latest(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (looked in {CHECKPOINTS}/)")
-    return latest
-
-
-def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / STATE).read_text(encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------- RNG
+    state_dict: Callable[[], Any]
+    load_own: Callable[[Any], None]
+    load_all: Callable[[list[Path]], None] | None = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -124,100 +116,134 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --------------------------------------------------------------------------- save
+RNG = PerRank(rng_state, set_rng_state)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)
 
-    if dist.is_available() and dist.is_initialized():
+
+def loader_state(loader) -> PerRank:
+    """A training loader's position: at another world size, every rank's states merged."""
+    return PerRank(loader.state_dict, loader.load_state_dict,
+                   lambda paths: loader.load_state_dict(merge_states([_load(p) for p in paths])))
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointManager:
+    """Saves and restores the engine, the train state and the per-rank objects of one run.
+
+    Every method is a collective: all ranks call it at the same point of the loop.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, *, rank: int,
+                 world_size: int, zero_stage: int, engine, train_state: TrainState,
+                 per_rank: dict[str, PerRank], run_info: Callable[[], dict[str, Any]],
+                 config_yaml: str) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.root = checkpoints_dir(run_dir)
+        self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
+        self.engine = engine
+        self.train_state = train_state
+        self.per_rank = per_rank
+        self.run_info = run_info  # extra state.json fields (global batch, EMA updates, ...)
+        self.config_yaml = config_yaml
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self) -> Path | None:
+        """Continue from the newest complete checkpoint, if resuming and there is one.
+
+        Returns the checkpoint directory, or None for a fresh start. A checkpoint written by
+        another number of ranks is converted to DeepSpeed's universal format first (once,
+        by rank 0); it must have been written under the same ZeRO stage."""
+        found = find_latest(self.run_dir) if self.cfg.resume and self.rank == 0 else None
+        found = _broadcast(str(found) if found is not None else None)
+        if found is None:
+            return None
+        ckpt = Path(found)
+        saved = read_state(ckpt)
+        check_same_stage(ckpt, saved, self.zero_stage)
+        same_world = saved["world_size"] == self.world_size
+        if not same_world and self.rank == 0:
+            ensure_universal(ckpt)
         dist.barrier()
+        self._load_engine(ckpt, universal=not same_world)
+        for kind, obj in self.per_rank.items():
+            if same_world:
+                obj.load_own(_load(ckpt / rank_file(kind, self.rank)))
+            elif obj.load_all is not None:
+                obj.load_all(rank_files(ckpt, kind))
+        self.train_state.step = saved["step"]
+        self.train_state.samples_seen = saved["samples_seen"]
+        self.train_state.skipped_steps = saved.get("skipped_steps", 0)
+        log.info("resumed from %s at step %d (%d samples seen)%s", ckpt, saved["step"],
+                 saved["samples_seen"],
+                 "" if same_world else f", world size {saved['world_size']} -> {self.world_size}")
+        return ckpt
+
+    def _load_engine(self, ckpt: Path, universal: bool) -> None:
+        """Model weights, fp32 master weights and optimizer state into the built engine."""
+        # DeepSpeed reads this flag only when loading; setting it here (rather than in the
+        # engine's config before it is built) keeps the resume decision in one place.
+        self.engine._config.load_universal_checkpoint = universal
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        path, _ = self.engine.load_checkpoint(
+            str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
+        if path is None:
+            raise RuntimeError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
+
+    # ------------------------------------------------------------------ save
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step from every rank."""
+        step = self.train_state.step
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (TMP_PREFIX + final.name)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier attempt
+            for kind in self.per_rank:
+                (tmp / kind).mkdir(parents=True)
+        dist.barrier()
+        # The universal-checkpoint info lets ds_to_universal convert this checkpoint when
+        # the run resumes on a different number of ranks.
+        self.engine.save_checkpoint(
+            str(tmp), tag=DS_TAG, save_latest=False,
+            client_state={UNIVERSAL_CHECKPOINT_INFO: {
+                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
+        )
+        for kind, obj in self.per_rank.items():
+            torch.save(obj.state_dict(), tmp / rank_file(kind, self.rank))
+        dist.barrier()
+        if self.rank == 0:
+            state = {**asdict(self.train_state), "world_size": self.world_size,
+                     "zero_stage": self.zero_stage, **self.run_info()}
+            atomic_write(tmp / "config.yaml", self.config_yaml, durable=True)
+            atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True), durable=True)
+            atomic_write(tmp / MARKER, f"{step}\n", durable=True)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write(self.root / LATEST, final.name + "\n", durable=True)
+            prune(self.run_dir, self.cfg.keep_last)
+            log.info("checkpoint saved: %s", final)
+        dist.barrier()
+        return final
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    *,
-    engine,
-    ema,
-    loader_state: Any,
-    state: dict[str, Any],
-    config_yaml: str,
-    rank: int,
-    keep_last: int,
-) -> Path:
-    """Write one checkpoint from every rank (a collective: all ranks must call it)."""
-    from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO,
-        UNIVERSAL_CHECKPOINT_VERSION_KEY,
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    )
-
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / (TMP_PREFIX + final.name)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier attempt
-        for sub in ("ema", "data", "rng"):
-            (tmp / sub).mkdir(parents=True)
-    _barrier()
-    # The universal-checkpoint info lets deepspeed.checkpoint.ds_to_universal convert
-    # this checkpoint when the run resumes on a different number of ranks.
-    engine.save_checkpoint(
-        str(tmp), tag=DS_TAG, save_latest=False,
-        client_state={UNIVERSAL_CHECKPOINT_INFO: {
-            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
-    )
-    if ema is not None:
-        torch.save(ema.state_dict(), tmp / rank_file("ema", rank))
-    torch.save(loader_state, tmp / rank_file("data", rank))
-    torch.save(rng_state(), tmp / rank_file("rng", rank))
-    _barrier()
-    if rank == 0:
-        _write_text_atomic(tmp / "config.yaml", config_yaml)
-        _write_text_atomic(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
-        _write_text_atomic(tmp / MARKER, f"{step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _write_text_atomic(root / LATEST, final.name + "\n")
-        prune(run_dir, keep_last)
-        log.info("checkpoint saved: %s", final)
-    _barrier()
-    return final
-
-
-def prune(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints and stale temp dirs."""
-    done = complete_checkpoints(run_dir)
-    for path in done[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-    newest = int(done[-1].name[len("step_"):]) if done else -1
-    for path in checkpoints_dir(run_dir).glob(TMP_PREFIX + "step_*"):
-        suffix = path.name[len(TMP_PREFIX + "step_"):]
-        if suffix.isdigit() and int(suffix) <= newest:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- load
-
-
-def check_resumable(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None:
+def check_same_stage(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None:
     """A checkpoint resumes at any world size, but only under the ZeRO stage that wrote it:
     DeepSpeed's universal checkpoints re-shard across ranks, not across stages."""
-    from scaletrain.config_base import ConfigError
-
     if saved["zero_stage"] != zero_stage:
         raise ConfigError(
             f"train.zero_stage: {ckpt} was written with ZeRO-{saved['zero_stage']}; resuming "
@@ -226,9 +252,16 @@ def check_resumable(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None:
         )
 
 
-def needs_universal(saved: dict[str, Any], world_size: int) -> bool:
-    """DeepSpeed's own format only loads at the world size that wrote it."""
-    return saved["world_size"] != world_size
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints and stale temp dirs."""
+    done = complete_checkpoints(run_dir)
+    for path in done[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    newest = checkpoint_step(done[-1]) if done else -1
+    for path in checkpoints_dir(run_dir).glob(TMP_PREFIX + "step_*"):
+        step = checkpoint_step(path.with_name(path.name[len(TMP_PREFIX):]))
+        if step is not None and step <= newest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def ensure_universal(ckpt: Path) -> Path:
@@ -236,8 +269,6 @@ def ensure_universal(ckpt: Path) -> Path:
     out = ckpt / UNIVERSAL_TAG
     if (out / "zero").is_dir():
         return out
-    from deepspeed.checkpoint import ds_to_universal
-
     tmp = ckpt / (TMP_PREFIX + UNIVERSAL_TAG)
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting %s to a DeepSpeed universal checkpoint (world size changed)", ckpt)
@@ -247,66 +278,3 @@ def ensure_universal(ckpt: Path) -> Path:
     ))
     tmp.rename(out)
     return out
-
-
-def load_engine_state(engine, ckpt: Path, universal: bool) -> None:
-    """Model weights, fp32 master weights and optimizer state into a built engine."""
-    tag = UNIVERSAL_TAG if universal else DS_TAG
-    path, _ = engine.load_checkpoint(
-        str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
-        load_module_strict=True,
-    )
-    if path is None:
-        raise RuntimeError(f"{ckpt / tag}: DeepSpeed could not load this checkpoint")
-
-
-def rank_files(ckpt: Path, kind: str) -> list[Path]:
-    files = sorted((ckpt / kind).glob("rank_*.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt / kind}: no per-rank files")
-    return files
-
-
-def load_rank_file(ckpt: Path, kind: str, rank: int) -> Any:
-    path = ckpt / rank_file(kind, rank)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (checkpoint written by fewer ranks?)")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-# --------------------------------------------------------------------------- export
-
-
-def consolidate_ema(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 EMA weights ``{param name: tensor}`` on CPU, from any world size and stage.
-
-    ``checkpoint_dir`` is a ``step_*`` directory or a run directory (newest checkpoint).
-    """
-    from scaletrain.train.ema import consolidate_ema_shards
-
-    ckpt = resolve_checkpoint(checkpoint_dir)
-    if not (ckpt / "ema").is_dir():
-        raise FileNotFoundError(f"{ckpt}: this checkpoint has no EMA (ema.enabled was false)")
-    return consolidate_ema_shards(rank_files(ckpt, "ema"))
-
-
-def consolidate_model(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 raw (non-EMA) weights ``{param name: tensor}`` on CPU, any stage/world.
-
-    Built from the fp32 master weights in the ZeRO optimizer shards (DeepSpeed's
-    zero_to_fp32); without ZeRO shards, from the saved module state.
-    """
-    ckpt = resolve_checkpoint(checkpoint_dir)
-    ds_dir = ckpt / DS_TAG
-    if any(ds_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-        return {k: v.float().contiguous() for k, v in state.items()}
-    model_files = sorted(ds_dir.glob("*model_states.pt"))
-    if not model_files:
-        raise FileNotFoundError(f"{ds_dir}: no DeepSpeed model states")
-    module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float().contiguous() for k, v in module.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scaletrain.config_base import require
+from scaletrain.core.config_base import require
 
 
 @dataclass
@@ -36,14 +36,6 @@ class TrainConfig:
     # stops the run (the last good checkpoint stays).
     max_consecutive_skips: int = 5
     progress_bar: bool = True
-    # "real": models/diffusion/loader from config. "synthetic": a toy denoiser on random
-    # tensors, for engine tests and memory benchmarks without data or model code.
-    components: Literal["real", "synthetic"] = "real"
-    synthetic_width: int = 64  # hidden width of the synthetic toy denoiser
-    # Fault injection for tests: make rank `inject_nan_rank`'s loss NaN at these steps
-    # (0-based optimizer step index). Empty in real runs.
-    inject_nan_steps: list[int] = field(default_factory=list)
-    inject_nan_rank: int = 0
 
     def __post_init__(self) -> None:
         require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
@@ -65,11 +57,6 @@ class TrainConfig:
             "max_consecutive_skips",
             f"must be >= 1, got {self.max_consecutive_skips}",
         )
-        require(
-            all(s >= 0 for s in self.inject_nan_steps), "inject_nan_steps", "steps must be >= 0"
-        )
-        require(self.synthetic_width > 0, "synthetic_width", "must be > 0")
-        require(self.inject_nan_rank >= 0, "inject_nan_rank", "must be >= 0")
         # DeepSpeed's plain (ZeRO-0, fp32) path applies a step with non-finite gradients;
         # every other path skips it on all ranks, which the fault handling relies on.
         require(

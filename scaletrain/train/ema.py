@@ -10,8 +10,9 @@ optimizer owns (a *fragment*: a contiguous range of one parameter's flattened el
   concatenation of all parameters, in ``named_parameters`` order.
 
 Each fragment is saved with its parameter name, full shape and element offset, so a saved
-EMA can be reassembled (:func:`consolidate_ema_shards`) or re-sliced for another world size
-or ZeRO stage (:meth:`ShardedEMA.load_shards`) without knowing how it was written.
+EMA can be reassembled (:func:`scaletrain.export.consolidate.consolidate_ema_shards`) or
+re-sliced for another world size or ZeRO stage (:meth:`ShardedEMA.load_shards`) without
+knowing how it was written.
 
 Decay schedules (beta = weight kept of the old average):
   constant  beta = decay
@@ -32,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from scaletrain.core.dist_env import import_deepspeed
+from scaletrain.export.consolidate import EMA_FORMAT, load_ema_shard
 from scaletrain.train.config import EMAConfig
 
-FORMAT = "scaletrain.sharded_ema.v1"
+import_deepspeed()
+from deepspeed.utils import safe_get_local_fp32_param  # noqa: E402
 
 
 def power_function_gamma(sigma_rel: float) -> float:
@@ -88,8 +93,6 @@ def _is_partitioned(param: torch.nn.Parameter) -> bool:
 
 
 def _zero3_fragments(params, rank: int) -> list[Fragment]:
-    from deepspeed.utils import safe_get_local_fp32_param
-
     out = []
     for name, p in params:
         part = p.ds_tensor.ds_numel  # every rank's partition has this size (last one padded)
@@ -173,8 +176,6 @@ class ShardedEMA:
         sum all-reduce of the ranks' fragments over zeros (exact: x + 0 = x); this briefly
         holds one working-dtype copy of the weights, as the replicated model itself does.
         """
-        import torch.distributed as dist
-
         params = dict(module.named_parameters())
         backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
@@ -208,7 +209,7 @@ class ShardedEMA:
 
     def state_dict(self) -> dict:
         return {
-            "format": FORMAT,
+            "format": EMA_FORMAT,
             "updates": self.updates,
             "fragments": [
                 {"name": f.name, "shape": list(f.shape), "offset": f.offset, "numel": f.numel}
@@ -234,10 +235,9 @@ class ShardedEMA:
             by_name.setdefault(f.name, []).append(i)
         updates = None
         for item in states:
-            state = _load_shard(item) if isinstance(item, (str, Path)) else item
-            if state.get("format") != FORMAT:
-                raise ValueError(f"{item if not isinstance(item, dict) else 'EMA state'}: "
-                                 f"not a {FORMAT} shard")
+            state = load_ema_shard(item) if isinstance(item, (str, Path)) else item
+            if state.get("format") != EMA_FORMAT:
+                raise ValueError(f"EMA state: not a {EMA_FORMAT} shard")
             updates = state["updates"] if updates is None else updates
             for meta, tensor in zip(state["fragments"], state["tensors"]):
                 s0, s1 = meta["offset"], meta["offset"] + meta["numel"]
@@ -257,32 +257,3 @@ class ShardedEMA:
             raise ValueError(f"EMA shards do not cover parameters: {', '.join(missing[:5])}"
                              + (" ..." if len(missing) > 5 else ""))
         self.updates = int(updates or 0)
-
-
-def _load_shard(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def consolidate_ema_shards(paths: Iterable[str | Path]) -> dict[str, torch.Tensor]:
-    """Assemble full fp32 tensors ``{name: tensor}`` from EMA shards of any layout (CPU)."""
-    full: dict[str, torch.Tensor] = {}
-    covered: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in paths:
-        state = _load_shard(path)
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} shard")
-        for meta, tensor in zip(state["fragments"], state["tensors"]):
-            name, shape = meta["name"], tuple(meta["shape"])
-            if name not in full:
-                numel = int(np.prod(shape)) if shape else 1
-                full[name] = torch.zeros(numel, dtype=torch.float32)
-                covered[name] = torch.zeros(numel, dtype=torch.bool)
-                shapes[name] = shape
-            a = meta["offset"]
-            full[name][a:a + meta["numel"]].copy_(tensor)
-            covered[name][a:a + meta["numel"]] = True
-    gaps = [n for n, c in covered.items() if not bool(c.all())]
-    if gaps:
-        raise ValueError(f"EMA shards leave parameters incomplete: {', '.join(gaps[:5])}")
-    return {name: flat.view(shapes[name]) for name, flat in full.items()}

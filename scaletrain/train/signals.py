@@ -13,10 +13,6 @@ import logging
 import signal
 from types import FrameType
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_REQUEUE = 75
-
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipeline.preprocess.config import PreprocessConfig
 from scaletrain.config import load_config
+from scaletrain.data.preprocess.config import PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "background"]
@@ -23,28 +23,28 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tiny_dir) -> Path:
-    from data_pipeline.encoders.tiny import save_tiny_clip
+    from scaletrain.data.encoders.tiny import save_tiny_clip
 
     return save_tiny_clip(tiny_dir / "clip_l", WORDS, hidden_size=48, projection_dim=24)
 
 
 @pytest.fixture(scope="session")
 def tiny_t5_path(tiny_dir) -> Path:
-    from data_pipeline.encoders.tiny import save_tiny_t5
+    from scaletrain.data.encoders.tiny import save_tiny_t5
 
     return save_tiny_t5(tiny_dir / "t5", WORDS)
 
 
 @pytest.fixture(scope="session")
 def tiny_open_clip(tiny_dir) -> dict[str, str]:
-    from data_pipeline.encoders.tiny import save_tiny_open_clip
+    from scaletrain.data.encoders.tiny import save_tiny_open_clip
 
     return save_tiny_open_clip(tiny_dir / "open_clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_vae_path(tiny_dir) -> Path:
-    from data_pipeline.encoders.tiny import save_tiny_vae
+    from scaletrain.data.encoders.tiny import save_tiny_vae
 
     # Three levels: 4x downsampling, 4 latent channels; shift set to test its round trip.
     return save_tiny_vae(tiny_dir / "vae", block_out_channels=(8, 8, 16), shift_factor=0.1)
@@ -89,7 +89,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def read_latent_shard(path: Path) -> dict[str, tuple[dict, dict, dict]]:
     """key -> (latent, text, meta) of every sample of a latent shard, grouped the way
     WebDataset groups tar members (key = name up to the first dot)."""
-    from data_pipeline.shard_format import decode_sample
+    from scaletrain.data.shard_format import decode_sample
 
     samples: dict[str, dict] = {}
     with tarfile.open(path) as tf:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.buckets import (
+from scaletrain.data.buckets import (
     crop_offset_rng,
     generate_buckets,
     nearest_bucket,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shard_format as sf
-from data_pipeline.synthetic import write_synthetic_shards
 from scaletrain.cli import main
+from scaletrain.data import shard_format as sf
+from scaletrain.data.synthetic import write_synthetic_shards
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.yaml")
 

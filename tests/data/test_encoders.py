@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.encoders import build_image_encoder, build_text_encoder, unbatch_text
-from data_pipeline.preprocess.config import (
+from scaletrain.data.encoders import build_image_encoder, build_text_encoder, unbatch_text
+from scaletrain.data.preprocess.config import (
     ClipGConfig,
     ClipLConfig,
     ImageEncoderConfig,
@@ -212,7 +212,7 @@ def test_untrimmed_clip_states_keep_max_length(tiny_clip_path, tiny_open_clip):
 
 
 def test_tiny_clip_is_built_once_deterministically_and_depends_on_caption(tmp_path):
-    from data_pipeline.encoders.tiny import ensure_tiny_clip
+    from scaletrain.data.encoders.tiny import ensure_tiny_clip
 
     cfg = TextEncoderConfig(
         preset="tiny_clip", tiny=TinyTextConfig(cache_dir=str(tmp_path / "a")), dtype="fp32"

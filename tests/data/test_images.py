@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.images import SkipSample, decode_image, set_pixel_limit
+from scaletrain.data.images import SkipSample, decode_image, set_pixel_limit
 
 LIMIT = 10**8
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline import shard_format as sf
-from data_pipeline.encoders import build_image_encoder
-from data_pipeline.preprocess.output import FingerprintMismatch, finalize_index
-from data_pipeline.preprocess.pipeline import preprocess_shards
-from data_pipeline.synthetic import write_synthetic_shards
+from scaletrain.data import shard_format as sf
+from scaletrain.data.encoders import build_image_encoder
+from scaletrain.data.preprocess.output import FingerprintMismatch, finalize_index
+from scaletrain.data.preprocess.pipeline import preprocess_shards
+from scaletrain.data.synthetic import write_synthetic_shards
 
 
 def _ledger(out: Path) -> list[dict]:
@@ -77,7 +77,7 @@ def test_demo_preset_end_to_end(tmp_path, demo_cfg, read_latent_shard):
 
     manifest = sf.read_json(out / "00001.manifest.json")
     assert manifest["input"]["url"].endswith("00001.tar") and len(manifest["input"]["sha256"]) == 64
-    from data_pipeline.preprocess.output import file_sha256
+    from scaletrain.data.preprocess.output import file_sha256
 
     assert manifest["sha256"] == file_sha256(out / "00001.tar")
 
@@ -347,7 +347,7 @@ def test_vae_and_sdxl_text_encoders_with_aspect_buckets(
     write_tar,
     read_latent_shard,
 ):
-    from data_pipeline.preprocess.config import (
+    from scaletrain.data.preprocess.config import (
         ClipGConfig,
         ClipLConfig,
         ImageEncoderConfig,
@@ -396,7 +396,7 @@ def test_many_buckets_with_bounded_buffers(
 ):
     # Five buckets at 64^2 with step 16; 7 images each, interleaved, batch 8: no buffer
     # ever fills, so the pending-sample cap (4 x batch) must flush partial batches.
-    from data_pipeline.preprocess import pipeline
+    from scaletrain.data.preprocess import pipeline
 
     flushes = []  # (samples received so far, batch size) at each encoder call
     received = [0]
@@ -441,7 +441,7 @@ def test_many_buckets_with_bounded_buffers(
 
 
 def test_a_shard_split_into_parts_fails_once_and_commits_once(tmp_path, demo_cfg):
-    from data_pipeline.preprocess.samples import work_units
+    from scaletrain.data.preprocess.samples import work_units
 
     assert work_units([("a", "a.tar")], 3) == [("a", "a.tar", p, 3) for p in range(3)]
     assert len(work_units([("a", "a.tar"), ("b", "b.tar")], 5)) == 4  # 2 parts each

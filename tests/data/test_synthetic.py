@@ -9,8 +9,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from data_pipeline.preprocess.work import expand_inputs
-from data_pipeline.synthetic import (
+from scaletrain.data.preprocess.work import expand_inputs
+from scaletrain.data.synthetic import (
     BACKGROUND,
     CAPTION_WORDS,
     COLOURS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.preprocess.work import (
+from scaletrain.data.preprocess.work import (
     assign,
     expand_inputs,
     output_stem,

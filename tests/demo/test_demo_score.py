@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, caption_for, draw_shape
-from scaletrain.demo_score import dominant_colour, score_samples
+from scaletrain.data.synthetic import (
+    BACKGROUND,
+    COLOURS,
+    SHAPES,
+    caption_for,
+    dominant_colour,
+    draw_shape,
+    score_samples,
+)
 
 
 @pytest.mark.parametrize("colour", sorted(COLOURS))

@@ -16,7 +16,6 @@ def _cond(b=B):
     rows = torch.arange(1, b + 1, dtype=torch.float32)
     return {
         "encoder_hidden_states": rows.reshape(-1, 1, 1).expand(b, L, D).clone(),
-        "encoder_attention_mask": torch.tensor([True, True, True, False]).expand(b, L).clone(),
         "pooled": rows.reshape(-1, 1).expand(b, P).clone() + 0.5,
         "time_ids": torch.full((b, 6), 1024.0),
     }
@@ -74,32 +73,31 @@ def test_zeros_replacement():
     text, ids = masks["text"], masks["time_ids"]
     assert 0 < text.sum() < 64 and 0 < ids.sum() < 64
     assert not out["encoder_hidden_states"][text].any() and not out["pooled"][text].any()
-    assert out["encoder_attention_mask"][text].all()  # zero tokens, all attended
     assert not out["time_ids"][ids].any()
     for key in cond:  # untouched rows are bit-identical
         keep = ~(ids if key == "time_ids" else text)
         assert torch.equal(out[key][keep], cond[key][keep])
 
 
-def test_empty_prompt_replacement_pads_and_masks():
+def test_empty_prompt_replacement_pads_and_cuts_like_a_caption():
     cond = _cond(64)
     dropout = CFGDropout(prompt=0.5, mode="empty_prompt")
     out, masks = dropout(cond, torch.Generator().manual_seed(1), NULL)
     text = masks["text"]
     hidden = out["encoder_hidden_states"][text]
     assert (hidden[:, :2] == -7.0).all() and (hidden[:, 2:] == 0).all()  # zero-padded to L
-    assert (out["encoder_attention_mask"][text] == torch.tensor([True, True, False, False])).all()
     assert (out["pooled"][text] == -3.0).all()
     assert torch.equal(out["encoder_hidden_states"][~text], cond["encoder_hidden_states"][~text])
-    # A stored mask and trailing padding beyond L are honoured / cut.
+    # An encoding longer than L is cut to L, as the loader cuts a caption.
     padded = {
         "encoder_hidden_states": torch.cat([torch.full((2, D), -7.0), torch.zeros(4, D)]),
-        "encoder_attention_mask": torch.tensor([True, True, False, False, False, False]),
         "pooled": NULL["pooled"],
     }
     out2, _ = dropout(cond, torch.Generator().manual_seed(1), padded)
     assert torch.equal(out2["encoder_hidden_states"], out["encoder_hidden_states"])
-    assert torch.equal(out2["encoder_attention_mask"], out["encoder_attention_mask"])
+    long = {"encoder_hidden_states": torch.full((L + 3, D), -7.0), "pooled": NULL["pooled"]}
+    out3, _ = dropout(cond, torch.Generator().manual_seed(1), long)
+    assert (out3["encoder_hidden_states"][text] == -7.0).all()
 
 
 def test_empty_prompt_errors_are_clear():
@@ -110,8 +108,6 @@ def test_empty_prompt_errors_are_clear():
         drop_conditioning(cond, **kw)
     with pytest.raises(ValueError, match=r"expected \(L, 3\)"):
         drop_conditioning(cond, **kw, null_cond={**NULL, "encoder_hidden_states": torch.ones(2, 5)})
-    with pytest.raises(ValueError, match="more than"):
-        drop_conditioning(cond, **kw, null_cond={**NULL, "encoder_hidden_states": torch.ones(6, D)})
     with pytest.raises(ValueError, match="pooled"):
         drop_conditioning(cond, **kw, null_cond={**NULL, "pooled": torch.ones(5)})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scaletrain.config import load_config
-from scaletrain.config_base import ConfigError
+from scaletrain.core.config_base import ConfigError
 from scaletrain.diffusion import DiffusionConfig
 
 

@@ -58,7 +58,6 @@ def _batch():
     return {
         "latents": torch.randn(B, 4, 8, 8, generator=g),
         "encoder_hidden_states": torch.randn(B, L, D, generator=g),
-        "encoder_attention_mask": torch.ones(B, L, dtype=torch.bool),
         "pooled": torch.randn(B, P, generator=g),
         "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * B),
         "keys": ["a", "b"],

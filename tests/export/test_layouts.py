@@ -10,10 +10,11 @@ from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from scaletrain.export import ExportError, export_state_dict, load_export, read_metadata
+from scaletrain.export.layout import ExportError, read_metadata
+from scaletrain.export.reader import load_export
+from scaletrain.export.writer import export_state_dict
 from scaletrain.models.inputs import example_inputs
-
-from .conftest import tiny_root_config, trained_like  # noqa: TID252
+from tests.support.tiny import tiny_root_config, trained_like
 
 DIFFUSERS_CLASSES = {"unet": UNet2DConditionModel, "mmdit": SD3Transformer2DModel}
 

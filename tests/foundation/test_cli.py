@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from scaletrain import cli
+from scaletrain.cli.common import add_config_arguments, resolve_config
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -47,13 +48,6 @@ def test_no_arguments_prints_usage_and_fails(capsys):
     assert "subcommands:" in capsys.readouterr().out
 
 
-def test_a_subcommand_without_its_module_says_not_built(monkeypatch, capsys):
-    ghost = cli.Subcommand("ghost", "scaletrain.no_such_module", "not there")
-    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, ghost])
-    assert cli.main(["ghost", "anything"]) == cli.NOT_BUILT_EXIT
-    assert "scaletrain ghost: not built yet" in capsys.readouterr().err
-
-
 def test_a_broken_dependency_inside_a_module_is_not_hidden(monkeypatch, tmp_path):
     (tmp_path / "broken_sub.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -70,10 +64,10 @@ def test_config_errors_exit_2_with_the_key(monkeypatch, tmp_path, capsys):
     module = types.ModuleType("cfg_sub")
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        cli.add_config_arguments(parser)
+        add_config_arguments(parser)
 
     def main(args):
-        cli.resolve_config(args)
+        resolve_config(args)
         return 0
 
     module.add_arguments, module.main = add_arguments, main

@@ -10,8 +10,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from scaletrain.config import RootConfig, load_config, save_config
-from scaletrain.config_base import (
+from scaletrain.config import RootConfig, load_config
+from scaletrain.core.config_base import (
     ConfigError,
     apply_overrides,
     dump_yaml,
@@ -19,6 +19,7 @@ from scaletrain.config_base import (
     load_yaml,
     parse_override,
     require,
+    save_config,
 )
 from scaletrain.models.config import MMDiTConfig, UNetConfig
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from scaletrain.log import env_rank, setup_logging
+from scaletrain.core.log import env_rank, setup_logging
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 The fixture installs the Debian packages when they are missing (CI runs as root with apt),
 starts munged, MariaDB, slurmdbd, slurmctld and slurmd with all state in a temporary
-directory (launch.testing_cluster), points SLURM_CONF at it for the whole session, and stops
+directory (tests.support.slurm_cluster), points SLURM_CONF at it for the whole session, and stops
 every daemon by PID at the end.
 
 In CI (CI=true) a cluster that cannot start FAILS the tests: they never skip there. Locally
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.testing_cluster import ClusterUnavailable, LocalSlurmCluster, missing_binaries
+from tests.support.slurm_cluster import ClusterUnavailable, LocalSlurmCluster, missing_binaries
 
 
 def _in_ci() -> bool:

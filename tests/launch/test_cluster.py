@@ -1,4 +1,4 @@
-"""The test cluster itself: srun places tasks, launch.env reads them, sacct records jobs."""
+"""The test cluster itself: srun places tasks, scaletrain.core.dist_env reads them, sacct records jobs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from launch.slurm_state import wait_for_terminal
+from scaletrain.launch.slurm_state import wait_for_terminal
 
 pytestmark = pytest.mark.slurm
 
 PRINT_PLACE = (
-    "from launch.env import dist_env_from_environ as f; d = f(); "
+    "from scaletrain.core.dist_env import dist_env_from_environ as f; d = f(); "
     "print(d.source, d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, "
     "d.master_port)"
 )

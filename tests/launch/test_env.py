@@ -1,4 +1,4 @@
-"""launch.env: environment -> (rank, world, local rank, master) over every launcher."""
+"""scaletrain.core.dist_env: environment -> (rank, world, local rank, master) over every launcher."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from launch.env import (
+from scaletrain.core.dist_env import (
     array_task_from_environ,
     dist_env_from_environ,
     expand_nodelist,
@@ -153,7 +153,7 @@ def test_batch_script_without_srun_is_a_single_process(caplog):
         "SLURM_JOB_NODELIST": "vm",
         "SLURM_TASKS_PER_NODE": "2",
     }
-    with caplog.at_level(logging.WARNING, logger="launch.env"):
+    with caplog.at_level(logging.WARNING, logger="scaletrain.core.dist_env"):
         d = dist_env_from_environ(env)
     assert (d.source, d.rank, d.world_size) == ("single", 0, 1)
     assert "srun" in caplog.text

@@ -16,23 +16,24 @@ from pathlib import Path
 
 import pytest
 
-from launch.records import read_job_records
-from launch.slurm_state import accounting_states, live_state, wait_for_terminal
+from scaletrain.core.run_dir import find_latest
+from scaletrain.export.consolidate import consolidate_ema, consolidate_model
+from scaletrain.launch.records import read_job_records
+from scaletrain.launch.slurm_state import accounting_states, live_state, wait_for_terminal
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-# A tiny 2-rank ZeRO-2 bf16 run on the engine's built-in toy denoiser and generated data (no
-# shards needed); a checkpoint every 2 steps gives the preemption test a moment to act while
-# the run is still going.
+# A tiny 2-rank ZeRO-2 bf16 run on the toy model and generated data (no shards needed); a
+# checkpoint every 2 steps gives the preemption test a moment to act while the run is still
+# going.
 STEPS = 14
 TRAIN_YAML = f"""\
 seed: 0
-model: {{arch: unet, in_channels: 4}}
-data: {{batch_size: 4, num_workers: 0}}
+model: {{arch: toy, in_channels: 4, sample_size: 8, pooled_projection_dim: 16, width: 64}}
+data: {{batch_size: 4, num_workers: 0, synthetic: {{enabled: true}}}}
+diffusion: {{objective: eps, schedule: cosine}}
 train:
-  components: synthetic
-  synthetic_width: 64
   max_steps: {STEPS}
   lr: 1.0e-3
   warmup_steps: 2
@@ -90,8 +91,6 @@ def wait_completed(job_id: str, run_dir: Path) -> None:
 
 
 def final_weights(run_dir: Path):
-    from scaletrain.train import consolidate_ema, consolidate_model, find_latest
-
     latest = find_latest(run_dir)
     assert latest is not None, f"no complete checkpoint in {run_dir}\n{job_logs(run_dir)}"
     return latest, consolidate_model(latest), consolidate_ema(latest)
@@ -141,8 +140,6 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(
     resume; the final weights equal those of the uninterrupted run bit for bit."""
     import torch
 
-    from scaletrain.train import find_latest
-
     run_dir = tmp_path / "run"
     job_id = submit_training(run_dir, train_config)
     deadline = time.monotonic() + JOB_TIMEOUT
@@ -175,7 +172,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(
 def test_preprocessing_job_array_over_four_shards(slurm_cluster, tmp_path):
     """(c) A 4-shard raw dataset preprocessed by a 2-task array plus the index job;
     resubmitting after losing a shard redoes only that shard."""
-    from data_pipeline.synthetic import write_synthetic_shards
+    from scaletrain.data.synthetic import write_synthetic_shards
 
     raw = tmp_path / "raw"
     pattern = write_synthetic_shards(raw, num_shards=4, samples_per_shard=4, size=64)

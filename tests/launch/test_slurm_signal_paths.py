@@ -22,10 +22,10 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from launch.records import read_job_records
-from launch.slurm_state import accounting_states, live_state, wait_for_terminal
-from launch.submit import submit_training
 from scaletrain.config import load_config
+from scaletrain.launch.records import read_job_records
+from scaletrain.launch.slurm_state import accounting_states, live_state, wait_for_terminal
+from scaletrain.launch.submit import submit_training
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.config import SlurmConfig
-from launch.records import append_job_record, read_job_records, snapshot_code
-from launch.submit import (
+from scaletrain import cli
+from scaletrain.cli.submit import parse_slurm_time
+from scaletrain.core.config_base import ConfigError
+from scaletrain.launch.config import SlurmConfig
+from scaletrain.launch.records import append_job_record, read_job_records, snapshot_code
+from scaletrain.launch.submit import (
     finalize_parameters,
-    parse_slurm_time,
     preprocess_parameters,
     training_parameters,
     wandb_info,
 )
-from scaletrain import cli
-from scaletrain.config_base import ConfigError
 
 
 @pytest.fixture
@@ -173,7 +173,8 @@ def test_code_snapshot_holds_the_sources_and_git_revision(tmp_path):
     info = snapshot_code(tmp_path)
     with tarfile.open(tmp_path / "code.tar.gz") as tar:
         names = set(tar.getnames())
-    assert "launch/submit.py" in names and "scaletrain/cli.py" in names
+    assert "scaletrain/launch/submit.py" in names and "scaletrain/cli/__init__.py" in names
+    assert "configs/train/demo.yaml" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     saved = json.loads((tmp_path / "code.json").read_text())
     assert saved == info and info["files"] == len(names)
@@ -191,7 +192,7 @@ def test_slurm_config_validation():
 
 
 def test_dry_run_preprocessing_array(capsys, tmp_path):
-    from data_pipeline.synthetic import write_synthetic_shards
+    from scaletrain.data.synthetic import write_synthetic_shards
 
     pattern = write_synthetic_shards(tmp_path / "raw", num_shards=3, samples_per_shard=1, size=16)
     params, cfg, text = _dry_run(

@@ -13,13 +13,13 @@ import torch
 import webdataset as wds
 from safetensors.torch import save_file
 
-from data_pipeline.shard_format import (
+from scaletrain.core.files import atomic_write_json
+from scaletrain.data.shard_format import (
     EMPTY_PROMPT_NAME,
     INDEX_NAME,
     MANIFEST_SUFFIX,
     bucket_name,
     encode_sample,
-    write_json_atomic,
 )
 
 
@@ -100,7 +100,7 @@ def write_latent_dataset(
             "buckets": bucket_counts,
             "latent": {"scaling_factor": scaling, "shift_factor": shift, "dtype": str(dtype)},
         }
-        write_json_atomic(root / (name[:-4] + MANIFEST_SUFFIX), manifest)
+        atomic_write_json(root / (name[:-4] + MANIFEST_SUFFIX), manifest)
         index_shards.append({"name": name, "num_samples": count, "buckets": bucket_counts})
     index = {
         "format_version": 1,
@@ -109,12 +109,12 @@ def write_latent_dataset(
         "latent": {"scaling_factor": scaling, "shift_factor": shift},
     }
     (root / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
-    empty = {
-        "hidden_states": torch.zeros(2, text_dim, dtype=dtype),
-        "pooled": torch.zeros(pooled_dim, dtype=dtype),
+    empty = {  # non-zero, so its real tokens stand out from the padding
+        "hidden_states": torch.full((2, text_dim), 0.5, dtype=dtype),
+        "pooled": torch.full((pooled_dim,), 0.5, dtype=dtype),
     }
     if t5_dim is not None:
-        empty["t5_hidden_states"] = torch.zeros(1, t5_dim, dtype=dtype)
+        empty["t5_hidden_states"] = torch.full((1, t5_dim), 0.5, dtype=dtype)
     save_file(empty, str(root / EMPTY_PROMPT_NAME))
     return data
 

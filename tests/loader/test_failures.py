@@ -7,8 +7,8 @@ from collections import Counter
 
 import webdataset as wds
 
-from data_pipeline.loader import DataConfig, build_train_loader, merge_states
-from data_pipeline.shard_format import encode_sample
+from scaletrain.data.loader import DataConfig, build_train_loader, merge_states
+from scaletrain.data.shard_format import encode_sample
 
 
 def run_epochs(path, world, workers, epochs=1, max_steps=300):

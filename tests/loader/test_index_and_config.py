@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from data_pipeline.loader import DataConfig, build_train_loader, read_dataset_info
-from data_pipeline.loader.dataset_index import load_dataset_index
-from scaletrain.config_base import ConfigError, from_dict
+from scaletrain.core.config_base import ConfigError, from_dict
+from scaletrain.data.loader import DataConfig, build_train_loader, read_dataset_info
+from scaletrain.data.loader.dataset_index import load_dataset_index
 
 
 def test_read_dataset_info(make_dataset):
@@ -72,7 +72,7 @@ def test_more_slots_than_shards_is_refused(make_dataset):
 
 
 def test_empty_shards_are_left_out_and_epochs_still_finish(make_dataset):
-    from data_pipeline.loader import merge_states
+    from scaletrain.data.loader import merge_states
 
     data = make_dataset(num_shards=4, per_shard=[8, 0, 8, 8])
     index = load_dataset_index(data.root)

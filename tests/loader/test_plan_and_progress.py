@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.loader.plan import shard_order, shards_for_rank, shards_for_slot
-from data_pipeline.loader.progress import RankProgress, StateError, merge_states
-from data_pipeline.loader.shard_reader import RawSample, ShardFailure, read_shard_shuffled
+from scaletrain.data.loader.plan import shard_order, shards_for_rank, shards_for_slot
+from scaletrain.data.loader.progress import RankProgress, StateError, merge_states
+from scaletrain.data.loader.shard_reader import RawSample, ShardFailure, read_shard_shuffled
 
 
 @pytest.mark.parametrize("n,world,workers", [(8, 1, 1), (10, 2, 2), (17, 3, 2), (64, 4, 8)])

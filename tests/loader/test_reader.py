@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from data_pipeline.loader.shard_reader import (
+from scaletrain.data.loader.shard_reader import (
     RawSample,
     ShardFailure,
     iter_stored_samples,
     read_shard_shuffled,
 )
-from data_pipeline.loader.tensor_view import load_tensors_view
-from data_pipeline.shard_format import LATENT_EXT, TEXT_EXT
+from scaletrain.data.loader.tensor_view import load_tensors_view
+from scaletrain.data.shard_format import LATENT_EXT, TEXT_EXT
 
 
 def test_tensor_view_matches_safetensors_load():
@@ -97,7 +97,7 @@ def _open_tars(root) -> int:
 def test_carried_leftovers_do_not_keep_their_shards_mapped(make_dataset):
     """Six buckets and batches of 8: leftovers of many shards wait in the buckets. Only the
     shard being read may stay mapped (Python's mmap holds a duplicate file descriptor)."""
-    from data_pipeline.loader import DataConfig, build_train_loader
+    from scaletrain.data.loader import DataConfig, build_train_loader
 
     buckets = tuple((64, 64 + 32 * i) for i in range(6))
     data = make_dataset(num_shards=8, per_shard=12, buckets=buckets)
@@ -112,7 +112,7 @@ def test_carried_leftovers_do_not_keep_their_shards_mapped(make_dataset):
 
 
 def test_the_loader_leaves_the_global_rng_alone(dataset):
-    from data_pipeline.loader import DataConfig, build_train_loader
+    from scaletrain.data.loader import DataConfig, build_train_loader
 
     config = DataConfig(path=str(dataset.root), batch_size=4, num_workers=0)
     loader = build_train_loader(config, 0, 1, 0)

@@ -53,17 +53,9 @@ def unet_cfg():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seed every test; run on one intra-op thread.
-
-    Several processes share this machine's 2 cores; two OpenMP threads per process then spin
-    against each other and tiny models run ~20x slower. One thread is fast and predictable.
-    """
+def _seed():
+    """Seed every test (tests/conftest.py already runs each on one intra-op thread)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # diffusers' config of stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scaletrain.config import load_config
-from scaletrain.config_base import ConfigError
+from scaletrain.core.config_base import ConfigError
 from scaletrain.models import (
     MMDiT,
     UNet2DConditionModel,

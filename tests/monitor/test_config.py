@@ -3,7 +3,7 @@
 import pytest
 
 from scaletrain.config import load_config
-from scaletrain.config_base import ConfigError
+from scaletrain.core.config_base import ConfigError
 
 
 def test_defaults_load_and_validation_seeds_default_to_indices():

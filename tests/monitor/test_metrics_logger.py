@@ -14,7 +14,7 @@ from scaletrain.train.monitor.metrics_logger import (
     MetricsLogger,
     resolve_wandb_mode,
 )
-from scaletrain.train.monitor.wandb_records import offline_run_files, read_wandb_file
+from tests.support.wandb_records import offline_run_files, read_wandb_file
 
 
 def _rows(run_dir):

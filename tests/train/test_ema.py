@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from scaletrain.export.consolidate import consolidate_ema_shards
 from scaletrain.train.config import EMAConfig
 from scaletrain.train.ema import (
     ShardedEMA,
-    consolidate_ema_shards,
     ema_beta,
     master_weight_fragments,
     power_function_gamma,

@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 import time
 
-from launch.local import EXIT_REQUEUE, launch_local
-from scaletrain.train import checkpoint as ck
-from scaletrain.train.signals import EXIT_REQUEUE as TRAIN_EXIT_REQUEUE
+import pytest
+
+from scaletrain.core import run_dir as ck
+from scaletrain.core.config_base import ConfigError
+from scaletrain.core.dist_env import EXIT_REQUEUE
+from scaletrain.launch.local import launch_local
+from scaletrain.train.checkpoint import check_same_stage, prune
 
 WORKER = """
 import os, sys, time
@@ -28,10 +32,6 @@ time.sleep(60)  # the launcher must kill this survivor
 def _launch(mode: str, nproc: int = 3) -> int:
     return launch_local([str(nproc), mode], nproc, program=[sys.executable, "-c", WORKER],
                         poll_s=0.05)
-
-
-def test_exit_status_constants_agree():
-    assert EXIT_REQUEUE == TRAIN_EXIT_REQUEUE == 75
 
 
 def test_all_ok_and_requeue_statuses():
@@ -70,20 +70,14 @@ def test_prune_keeps_newest_complete(tmp_path):
         _fake_checkpoint(tmp_path, step)
     stale = ck.checkpoints_dir(tmp_path) / ".tmp_step_000000002"
     stale.mkdir()
-    ck.prune(tmp_path, keep_last=2)
+    prune(tmp_path, keep_last=2)
     assert [p.name for p in ck.complete_checkpoints(tmp_path)] == [
         "step_000000003", "step_000000004"]
     assert not stale.exists()
 
 
-def test_universal_needed_only_when_world_changes_and_stage_must_match(tmp_path):
-    import pytest
-
-    from scaletrain.config_base import ConfigError
-
+def test_resume_needs_the_same_zero_stage(tmp_path):
     saved = {"world_size": 2, "zero_stage": 2}
-    assert not ck.needs_universal(saved, 2)
-    assert ck.needs_universal(saved, 1)
-    ck.check_resumable(tmp_path, saved, 2)
+    check_same_stage(tmp_path, saved, 2)
     with pytest.raises(ConfigError, match="train.zero_stage: .*ZeRO-2.*ZeRO-3"):
-        ck.check_resumable(tmp_path, saved, 3)
+        check_same_stage(tmp_path, saved, 3)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from scaletrain.config import load_config
-from scaletrain.config_base import ConfigError
+from scaletrain.core.config_base import ConfigError
 from scaletrain.train.config import TrainConfig
 from scaletrain.train.engine import deepspeed_config
 from scaletrain.train.lr import lr_at

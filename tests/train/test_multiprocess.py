@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from scaletrain.config import load_config
-from scaletrain.train import checkpoint as ck
+from scaletrain.core import run_dir as ck
+from scaletrain.export.consolidate import consolidate_ema, consolidate_model
+from scaletrain.train.checkpoint import UNIVERSAL_TAG
 from scaletrain.train.ema import ema_beta
 
 from .conftest import SYNTHETIC, explain, run_train, start_train
@@ -30,6 +32,10 @@ def _step_dir(run_dir, step):
     return ck.checkpoints_dir(run_dir) / ck.step_dir_name(step)
 
 
+def _rank_file(ckpt, kind, rank):
+    return torch.load(ckpt / ck.rank_file(kind, rank), weights_only=False)
+
+
 def _state(run_dir, step):
     return json.loads((_step_dir(run_dir, step) / ck.STATE).read_text())
 
@@ -39,14 +45,14 @@ def _assert_ema_matches_unsharded_reference(run_dir, steps, world):
     ema_cfg = load_config(SYNTHETIC).ema
     reference = None
     for n in range(1, steps + 1):
-        weights = ck.consolidate_model(_step_dir(run_dir, n))
+        weights = consolidate_model(_step_dir(run_dir, n))
         beta = ema_beta(ema_cfg, n - 1, samples_after=n * world * BATCH,
                         batch_samples=world * BATCH)
         if reference is None:
             reference = {k: v.clone() for k, v in weights.items()}  # EMA starts at init
             assert beta == 0.0  # power schedule: the first update copies the weights
         reference = {k: torch.lerp(reference[k], weights[k], 1.0 - beta) for k in weights}
-        sharded = ck.consolidate_ema(_step_dir(run_dir, n))
+        sharded = consolidate_ema(_step_dir(run_dir, n))
         assert set(sharded) == set(reference)
         for k in reference:
             torch.testing.assert_close(sharded[k], reference[k], rtol=1e-6, atol=1e-7,
@@ -118,7 +124,7 @@ def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path):
 
     ref, out = _step_dir(zero2_reference_run, 8), _step_dir(run_dir, 8)
     assert _state(run_dir, 8)["samples_seen"] == _state(zero2_reference_run, 8)["samples_seen"]
-    for consolidate in (ck.consolidate_model, ck.consolidate_ema):
+    for consolidate in (consolidate_model, consolidate_ema):
         a, b = consolidate(ref), consolidate(out)
         assert set(a) == set(b)
         for k in a:
@@ -128,7 +134,7 @@ def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path):
     module_b = torch.load(out / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.equal(module_a[k], module_b[k]) for k in module_a)
     for r in range(2):
-        assert ck.load_rank_file(ref, "data", r) == ck.load_rank_file(out, "data", r)
+        assert _rank_file(ref, "data", r) == _rank_file(out, "data", r)
 
 
 def test_resume_at_another_world_size(zero2_reference_run, tmp_path):
@@ -139,21 +145,21 @@ def test_resume_at_another_world_size(zero2_reference_run, tmp_path):
                                "checkpoint.keep_last=100"], nproc=1)
     assert proc.returncode == 0, explain(proc)
     assert "world size 2 -> 1" in proc.stderr
-    assert (_step_dir(run_dir, 4) / ck.UNIVERSAL_TAG / "zero").is_dir()
+    assert (_step_dir(run_dir, 4) / UNIVERSAL_TAG / "zero").is_dir()
 
     # Data position: 4 steps x 2 ranks x 4, then 2 steps x 1 rank x 4 samples.
     state = _state(run_dir, 6)
     assert state["world_size"] == 1 and state["samples_seen"] == 4 * 8 + 2 * 4
-    assert ck.load_rank_file(_step_dir(run_dir, 6), "data", 0) == {"position": 40}
+    assert _rank_file(_step_dir(run_dir, 6), "data", 0)["position"] == 40
     # Optimizer state came along: AdamW's step count continues from 4.
     optim = torch.load(next((_step_dir(run_dir, 5) / "ds").glob("*optim_states.pt")),
                        weights_only=False)["optimizer_state_dict"]
     steps = {int(s["step"]) for s in optim["base_optimizer_state"]["state"].values()}
     assert steps == {5}, optim["base_optimizer_state"]["state"].keys()
     # EMA re-sliced from 2 shards to 1 and continued with the right decay.
-    ema4, ema5 = ck.consolidate_ema(_step_dir(run_dir, 4)), ck.consolidate_ema(
+    ema4, ema5 = consolidate_ema(_step_dir(run_dir, 4)), consolidate_ema(
         _step_dir(run_dir, 5))
-    w5 = ck.consolidate_model(_step_dir(run_dir, 5))
+    w5 = consolidate_model(_step_dir(run_dir, 5))
     beta = ema_beta(load_config(SYNTHETIC).ema, 4, samples_after=36, batch_samples=4)
     for k in w5:
         torch.testing.assert_close(ema5[k], torch.lerp(ema4[k], w5[k], 1 - beta),
@@ -163,14 +169,14 @@ def test_resume_at_another_world_size(zero2_reference_run, tmp_path):
 def test_nan_injection_skips_everywhere_then_stops_after_k_in_a_row(tmp_path):
     # 0-based step 2 is poisoned on rank 1 alone; steps 4, 5, 6 in a row hit the limit of 3.
     proc = run_train(tmp_path, ["train.max_steps=10", "checkpoint.every=1",
-                                "checkpoint.keep_last=100", "train.inject_nan_steps=[2,4,5,6]",
-                                "train.inject_nan_rank=1", "train.max_consecutive_skips=3"])
+                                "checkpoint.keep_last=100", "data.synthetic.nan_batches=[2,4,5,6]",
+                                "data.synthetic.nan_rank=1", "train.max_consecutive_skips=3"])
     assert proc.returncode == 1, explain(proc)
     assert "consecutive steps had a non-finite loss" in proc.stderr
     assert ck.find_latest(tmp_path).name == "step_000000006"  # the last good one is kept
     assert _state(tmp_path, 3)["skipped_steps"] == 1 and _state(tmp_path, 3)["ema_updates"] == 2
     assert _state(tmp_path, 6)["skipped_steps"] == 3 and _state(tmp_path, 6)["ema_updates"] == 3
-    w = {n: ck.consolidate_model(_step_dir(tmp_path, n)) for n in (2, 3, 4, 6)}
+    w = {n: consolidate_model(_step_dir(tmp_path, n)) for n in (2, 3, 4, 6)}
     for k in w[2]:
         assert torch.equal(w[2][k], w[3][k]), "a skipped step changed the weights"
         assert torch.equal(w[4][k], w[6][k]), "a skipped step changed the weights"

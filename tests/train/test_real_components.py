@@ -5,22 +5,27 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 from safetensors.torch import save_file
 
-from data_pipeline.shard_format import (
+from scaletrain.config import load_config
+from scaletrain.core import run_dir as ck
+from scaletrain.core.files import atomic_write_json
+from scaletrain.data.shard_format import (
     EMPTY_PROMPT_NAME,
     INDEX_NAME,
     MANIFEST_SUFFIX,
     bucket_name,
     encode_sample,
-    write_json_atomic,
 )
-from scaletrain.config import load_config
+from scaletrain.export.consolidate import consolidate_ema, consolidate_model
+from scaletrain.export.writer import export_checkpoint
 from scaletrain.models import build_model
-from scaletrain.train import checkpoint as ck
+from scaletrain.sample.pipeline import sample_images
 
 from .conftest import REPO, explain, run_train
 
@@ -49,7 +54,7 @@ def write_shards(root, num_shards=2, per_shard=12, seed=0):
                 sink.write(encode_sample(key, {"mean": mean, "std": torch.zeros_like(mean)},
                                          text, meta))
         buckets = {bucket_name(h, w): per_shard}
-        write_json_atomic(root / (name[:-4] + MANIFEST_SUFFIX), {
+        atomic_write_json(root / (name[:-4] + MANIFEST_SUFFIX), {
             "shard": name, "num_samples": per_shard, "buckets": buckets,
             "latent": {"scaling_factor": 1.0, "shift_factor": 0.0, "dtype": "torch.float32"}})
         shards.append({"name": name, "num_samples": per_shard, "buckets": buckets})
@@ -89,8 +94,6 @@ def test_tiny_model_trains_two_ranks(shards, tmp_path, config, stage):
     proc = run_train(tmp_path, overrides, config=config)
     assert proc.returncode == 0, explain(proc)
     if validate:
-        from PIL import Image
-
         grids = sorted((tmp_path / "validation").glob("step_*.png"))
         assert [g.name for g in grids] == ["step_000000002.png", "step_000000004.png"]
         assert Image.open(grids[-1]).size[0] >= 2 * 64
@@ -107,7 +110,7 @@ def test_tiny_model_trains_two_ranks(shards, tmp_path, config, stage):
 
     # Export-facing consolidation: the model's own parameter names and shapes, full size.
     reference = dict(build_model(load_config(config).model, device="meta").named_parameters())
-    for consolidate in (ck.consolidate_model, ck.consolidate_ema):
+    for consolidate in (consolidate_model, consolidate_ema):
         weights = consolidate(tmp_path)
         assert set(weights) == set(reference)
         for name, tensor in weights.items():
@@ -144,7 +147,7 @@ def test_demo_sigkill_and_resume_is_bit_exact_with_real_loader(shards, tmp_path)
     resumed = run_train(run_dir, overrides, config=config)
     assert resumed.returncode == 0, explain(resumed)
 
-    for consolidate in (ck.consolidate_model, ck.consolidate_ema):
+    for consolidate in (consolidate_model, consolidate_ema):
         a, b = consolidate(tmp_path / "reference"), consolidate(run_dir)
         assert all(torch.equal(a[k], b[k]) for k in a), consolidate.__name__
 
@@ -162,3 +165,31 @@ def test_demo_resumes_on_one_rank_with_gradient_accumulation(shards, tmp_path):
     # 2 steps x 2 ranks x 2 samples, then 1 step x 1 rank x 2 micro-batches x 2 samples.
     assert state["step"] == 3 and state["samples_seen"] == 12 and state["world_size"] == 1
     assert state["ema_updates"] == 3
+
+
+def test_validation_images_equal_scaletrain_sample_of_the_ema_export(shards, tmp_path):
+    """One sampling path: the validation grid of step N and `scaletrain sample` on the EMA
+    export of step N (same prompts, seeds, sampler, steps, guidance; fp32 on CPU) are the
+    same pixels."""
+    prompts, seeds = ["a red circle", "a blue square"], [3, 7]
+    cache = tmp_path / "clip_cache"
+    overrides = _overrides(shards, 2, 2) + [
+        "train.bf16=false", "validation.every=2", "validation.steps=3",
+        "validation.sampler=euler", "validation.guidance_scale=2.0", "validation.batch_size=1",
+        f"validation.prompts=[{','.join(prompts)}]", f"validation.seeds={seeds}",
+        "validation.nrow=2", f"preprocess.text_encoder.tiny.cache_dir={cache}"]
+    run = tmp_path / "run"
+    proc = run_train(run, overrides, config=REPO / "configs" / "train" / "demo.yaml")
+    assert proc.returncode == 0, explain(proc)
+    grid = np.asarray(Image.open(run / "validation" / "step_000000002.png"))
+
+    export_checkpoint(run, tmp_path / "export", weights="ema", dtype="fp32")
+    side = 32 * 2  # the model's sample_size (demo preset), pixel encoder factor 2
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        out = tmp_path / f"sample{i}"
+        (record,) = sample_images(tmp_path / "export", [prompt], steps=3, cfg_scale=2.0,
+                                  seed=seed, out_dir=out, sampler="euler", batch_size=1,
+                                  device="cpu")
+        sampled = np.asarray(Image.open(out / record["file"]))
+        top, left = 2, 2 + i * (side + 2)  # the grid's cell of image i (padding 2, one row)
+        np.testing.assert_array_equal(grid[top:top + side, left:left + side], sampled)

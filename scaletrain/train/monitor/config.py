@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scaletrain.config_base import require
+from scaletrain.core.config_base import require
 
 WandbMode = Literal["online", "offline", "disabled"]
 

@@ -24,6 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import wandb
+
+from scaletrain.core.files import atomic_write
 from scaletrain.train.monitor.config import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -65,9 +68,7 @@ def persistent_wandb_id(run_dir: Path) -> str:
         return run_id
     # wandb's own id format: 8 characters of [a-z0-9].
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    tmp = path.with_suffix(".txt.tmp")
-    tmp.write_text(run_id + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, run_id + "\n")
     return run_id
 
 
@@ -107,9 +108,7 @@ def truncate_jsonl_after(path: Path, step: int) -> int:
             dropped += 1
         else:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
     return dropped
 
 
@@ -161,8 +160,6 @@ class MetricsLogger:
         return self._wandb_run
 
     def _init_wandb(self, mode: str, config_dict: dict):
-        import wandb
-
         # A training run owns its wandb service. WANDB_SERVICE inherited from a parent (a
         # launcher, a notebook, a test runner that used wandb) points at the parent's service:
         # a SIGKILLed predecessor's run stays registered there, and the resumed run's
@@ -213,8 +210,6 @@ class MetricsLogger:
             shown = str(path)
         self._write_jsonl(step, {key: shown, **({f"{key}_caption": caption} if caption else {})})
         if self._wandb_run is not None:
-            import wandb
-
             self._wandb_run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
     def _write_jsonl(self, step: int, row: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ collective (``all_reduce`` here, or ``reduce_(fn)`` with any in-place sum) befor
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def _bucket_label(i: int, n: int) -> str:
@@ -62,8 +63,6 @@ class LossByTimestep:
         Must be called on every rank. With NCCL the totals are on the GPU already, as ``add``
         moves them to the device of the losses.
         """
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(self.totals, op=dist.ReduceOp.SUM, group=group)
 

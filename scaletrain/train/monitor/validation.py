@@ -1,31 +1,16 @@
 """Validation samples: fixed prompts, fixed seeds, EMA weights, one PNG grid per check.
 
 Fixed prompts *and* fixed initial noise make grids of different steps comparable image by
-image, so a reader sees the model (not the noise) change. Each prompt's initial noise comes
-from its own CPU generator seeded with its seed, so with a deterministic sampler (Euler/DDIM
-ODE) an image does not depend on which prompts share its batch, on ``batch_size`` or on the
-device. A stochastic sampler's later noise comes from one generator per batch (seeded with
-the batch's first seed): reproducible, but tied to the batching.
+image, so a reader sees the model (not the noise) change. The images come from
+:func:`scaletrain.sample.generate.generate`, the path ``scaletrain sample`` takes: a prompt
+sampled here at step N and the same prompt, seed and settings sampled from the export of
+step N are the same image. Prompts are encoded with the run's own text encoder, laid out as
+the loader lays out a batch, guided against what training's prompt dropout put in place of
+a caption (``diffusion.cfg_null``), and decoded with the latent scaling of the dataset.
 
-The Validator is written against three callables so it does not depend on how the sampler
-and the encoders are built (the loop wires them; see ``scaletrain.train`` for the wiring):
-
-* ``encode_prompts(list[str]) -> dict[str, Tensor]``: text conditioning, batch first.
-  Called once (the result is cached), so the text encoder can be freed afterwards.
-* ``sample(model_fn, noise, cond, uncond, generator) -> latents``: runs the sampler from
-  ``noise`` (steps, sampler and guidance scale already bound); ``uncond`` is None when
-  guidance is off. ``generator`` (a CPU generator) drives any noise a stochastic sampler
-  draws on the way.
-* ``decode(latents) -> images`` in [-1, 1], shape [N, 3, H, W].
-* optionally ``make_uncond(cond) -> uncond``: the unconditional branch of classifier-free
-  guidance, built as training's conditioning dropout builds it; without it the empty prompt
-  is encoded.
-
-``validation_wiring.build_validator`` builds these from the real sampler and encoders.
-
-``model_fn`` (EMA weights) is passed to ``run`` by the loop. Call ``run`` on every rank:
-under ZeRO-3 the EMA weights are sharded and evaluating them may gather collectively.
-Only rank 0 writes the grid and logs it.
+The encoders are built at the first validation (not at start-up), the prompts encoded once,
+and the text encoder freed. Call ``run`` on every rank: under ZeRO-3 the EMA weights are
+sharded and evaluating them gathers collectively. Only rank 0 writes the grid and logs it.
 """
 
 from __future__ import annotations
@@ -33,18 +18,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from scaletrain.train.monitor.config import ValidationConfig
-from scaletrain.train.monitor.image_grid import save_image_grid
+from scaletrain.data.encoders import build_image_encoder
+from scaletrain.data.encoders.image import ImageEncoder
+from scaletrain.diffusion import build_sampler
+from scaletrain.sample.conditioning import PromptConditioner
+from scaletrain.sample.generate import generate
+from scaletrain.sample.image_grid import save_image_grid
 
 logger = logging.getLogger(__name__)
-
-EncodePrompts = Callable[[list[str]], dict[str, Any]]
-Decode = Callable[[torch.Tensor], torch.Tensor]
-Sample = Callable[..., torch.Tensor]
 
 IMAGE_KEY = "validation/samples"
 
@@ -53,105 +37,64 @@ def grid_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "validation" / f"step_{step:09d}.png"
 
 
-def initial_noise(
-    seeds: list[int], latent_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """One standard-normal latent per seed, each from its own CPU generator."""
-    return torch.stack(
-        [
-            torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-            for seed in seeds
-        ]
-    )
-
-
-def _slice_cond(cond: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
-    return {k: v[start:stop] if torch.is_tensor(v) else v for k, v in cond.items()}
-
-
-def _to_device(cond: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()}
-
-
 class Validator:
-    """Sample the configured prompts every ``cfg.every`` steps and save/log a PNG grid.
+    """Sample ``cfg.validation``'s prompts every ``every`` steps and save/log a PNG grid.
 
     Args:
-        cfg: the ``validation`` config section.
+        cfg: the root config (its validation, diffusion, preprocess, data and model sections).
         run_dir: grids go to ``run_dir/validation/step_{N:09d}.png``.
-        latent_shape: (C, h, w) of one latent at the sampling resolution.
-        encode_prompts, sample, decode, make_uncond: see the module docstring.
-        device: where noise and conditioning go before sampling.
+        device: where sampling runs (the training device); the encoders stay on the CPU.
         rank: global rank; only rank 0 writes files and logs.
         metrics_logger: a MetricsLogger to log the grid to (wandb and JSONL), or None.
+        latent_scaling: (scaling_factor, shift_factor) the loader scaled latents with (the
+            dataset index's); None takes the image encoder's own.
     """
 
-    def __init__(
-        self,
-        cfg: ValidationConfig,
-        run_dir: str | Path,
-        *,
-        latent_shape: tuple[int, ...],
-        encode_prompts: EncodePrompts,
-        sample: Sample,
-        decode: Decode,
-        make_uncond: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        device: torch.device | str = "cpu",
-        rank: int = 0,
-        metrics_logger=None,
-    ) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg, run_dir: str | Path, *, device: torch.device | str = "cpu",
+                 rank: int = 0, metrics_logger=None,
+                 latent_scaling: tuple[float, float] | None = None) -> None:
+        self.cfg = cfg.validation
+        self.root = cfg
         self.run_dir = Path(run_dir)
-        self.latent_shape = tuple(int(s) for s in latent_shape)
-        self.seeds = cfg.seed_list()
         self.device = torch.device(device)
         self.rank = rank
         self.metrics_logger = metrics_logger
-        self._encode_prompts: EncodePrompts | None = encode_prompts
-        self._sample = sample
-        self._decode = decode
-        self._make_uncond = make_uncond
-        self._cond: dict[str, Any] | None = None
-        self._uncond: dict[str, Any] | None = None
+        self.latent_scaling = latent_scaling
+        self.prompts = list(self.cfg.prompts)
+        self.seeds = self.cfg.seed_list()
+        self.sampler = build_sampler(cfg.diffusion, name=self.cfg.sampler, steps=self.cfg.steps,
+                                     guidance_scale=self.cfg.guidance_scale)
+        self._conditioner: PromptConditioner | None = None
+        self._image_encoder: ImageEncoder | None = None
 
     def should_run(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
-    def _conditioning(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        if self._cond is None:
-            prompts = list(self.cfg.prompts)
-            self._cond = self._encode_prompts(prompts)
-            if self.cfg.guidance_scale != 1.0:
-                # The unconditional branch of classifier-free guidance (Ho & Salimans 2022):
-                # what training's conditioning dropout feeds, else the empty prompt.
-                if self._make_uncond is not None:
-                    self._uncond = self._make_uncond(self._cond)
-                else:
-                    self._uncond = self._encode_prompts([""] * len(prompts))
-            # Not needed again: dropping them lets the text encoder be freed.
-            self._encode_prompts = self._make_uncond = None
-        return self._cond, self._uncond
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = self.root.model.sample_size * self.encoders()[1].downsample
+        return side, side
 
-    @torch.no_grad()
+    def encoders(self) -> tuple[PromptConditioner, ImageEncoder]:
+        """The prompt conditioner (prompts encoded, text encoder freed) and image encoder."""
+        if self._conditioner is None:
+            root = self.root
+            conditioner = PromptConditioner(root.preprocess, root.data.max_text_tokens,
+                                            root.model.arch, root.diffusion.cfg_null, device="cpu")
+            conditioner.release_encoder(self.prompts)
+            image_encoder = build_image_encoder(root.preprocess, device="cpu")
+            if self.latent_scaling is not None:
+                image_encoder.scaling_factor, image_encoder.shift_factor = self.latent_scaling
+            self._conditioner, self._image_encoder = conditioner, image_encoder
+        return self._conditioner, self._image_encoder
+
     def generate(self, model_fn: Callable) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1] for the configured prompts (on every rank)."""
-        cond, uncond = self._conditioning()
-        noise = initial_noise(self.seeds, self.latent_shape)
-        images = []
-        bs = self.cfg.batch_size
-        for start in range(0, len(self.seeds), bs):
-            stop = min(start + bs, len(self.seeds))
-            # CPU generator: the same draws whatever the device (samplers move the noise).
-            generator = torch.Generator().manual_seed(self.seeds[start])
-            latents = self._sample(
-                model_fn,
-                noise[start:stop].to(self.device),
-                _to_device(_slice_cond(cond, start, stop), self.device),
-                None if uncond is None else _to_device(_slice_cond(uncond, start, stop), self.device),
-                generator,
-            )
-            images.append(self._decode(latents).float().cpu())
-        return torch.cat(images)
+        conditioner, image_encoder = self.encoders()
+        height, width = self.image_size
+        return generate(model_fn, self.sampler, conditioner, image_encoder, self.prompts,
+                        self.seeds, height, width, batch_size=self.cfg.batch_size,
+                        device=self.device)
 
     def run(self, step: int, model_fn: Callable) -> Path | None:
         """Sample, then on rank 0 save the grid and log it; returns its path (None elsewhere)."""
@@ -161,8 +104,7 @@ class Validator:
         path = save_image_grid(images, grid_path(self.run_dir, step), nrow=self.cfg.nrow)
         logger.info("validation grid for step %d: %s", step, path)
         if self.metrics_logger is not None:
-            caption = " | ".join(
-                f"[{seed}] {prompt}" for seed, prompt in zip(self.seeds, self.cfg.prompts)
-            )
+            caption = " | ".join(f"[{seed}] {prompt}" for seed, prompt in zip(self.seeds,
+                                                                              self.prompts))
             self.metrics_logger.log_image(step, IMAGE_KEY, path, caption=caption)
         return path

@@ -1,0 +1,75 @@
+"""The `scaletrain` command: a thin dispatcher over one module per subcommand.
+
+Each module of this package provides ``add_arguments(parser)`` and ``main(args) -> int``, and
+is the only place that parses arguments or prints for its subcommand. Nothing in the library
+imports this package.
+
+The dispatcher imports only the module of the subcommand it runs (by name, below): `scaletrain
+--help` then answers in well under a second instead of importing torch, DeepSpeed and the
+encoders of every subcommand (about 6 s on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from scaletrain.core.config_base import ConfigError
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    module: str
+    summary: str
+
+
+SUBCOMMANDS = [
+    Subcommand("preprocess", "scaletrain.cli.preprocess",
+               "encode raw image-caption shards into latent shards"),
+    Subcommand("train", "scaletrain.cli.train", "train a model (N local processes, DeepSpeed ZeRO)"),
+    Subcommand("submit", "scaletrain.cli.submit",
+               "submit training (or preprocessing) to SLURM via submitit"),
+    Subcommand("export", "scaletrain.cli.export", "export EMA or raw weights of a checkpoint"),
+    Subcommand("sample", "scaletrain.cli.sample", "sample images from exported weights"),
+    Subcommand("model-info", "scaletrain.cli.model_info",
+               "parameter count and FLOPs of a model config"),
+    Subcommand("demo", "scaletrain.cli.demo", "the offline end-to-end demo"),
+]
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {s.name:<12} {s.summary}" for s in SUBCOMMANDS]
+    return argparse.ArgumentParser(
+        prog="scaletrain",
+        usage="scaletrain {" + ",".join(s.name for s in SUBCOMMANDS) + "} ...",
+        description="Distributed training of text-to-image diffusion models.\n\nsubcommands:\n"
+        + "\n".join(lines)
+        + "\n\nRun `scaletrain SUBCOMMAND --help` for each one's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    by_name = {s.name: s for s in SUBCOMMANDS}
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0 if argv else 2
+    if argv[0] not in by_name:
+        _top_parser().print_usage(sys.stderr)
+        print(f"scaletrain: unknown subcommand {argv[0]!r}", file=sys.stderr)
+        return 2
+    sub = by_name[argv[0]]
+    module = importlib.import_module(sub.module)
+    parser = argparse.ArgumentParser(prog=f"scaletrain {sub.name}", description=sub.summary)
+    module.add_arguments(parser)
+    # Intermixed parsing lets overrides stand anywhere: `train CFG --run-dir D a.b=1`.
+    args = parser.parse_intermixed_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except ConfigError as exc:
+        print(f"scaletrain {sub.name}: config error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,51 @@
+"""`scaletrain train CONFIG --run-dir DIR [--nproc N] [KEY=VALUE ...] [--dry-run]`.
+
+With ``--nproc N`` this process is a launcher: it starts N local ranks
+(:mod:`scaletrain.launch.local`) running this same command without ``--nproc``. Without it,
+this process is one rank and reads its place from the environment (torchrun / SLURM
+variables, or a single process).
+Exit status: 0 done, 75 (EXIT_REQUEUE) preempted after a checkpoint, 1 failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from scaletrain.cli.common import add_config_arguments, resolve_config
+from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
+from scaletrain.core.log import setup_logging
+from scaletrain.launch.local import launch_local
+from scaletrain.train.loop import NonFiniteTrainingError, run_training
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir", required=True,
+                        help="run directory: config, metrics and checkpoints (resumed if present)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="start N local processes (gloo on CPU, NCCL on GPU)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)  # validates eagerly, also in the launcher process
+    if cfg is None:
+        return EXIT_OK
+    if args.nproc is not None:
+        argv = ["train", args.config, "--run-dir", args.run_dir, "--log-level",
+                args.log_level, *args.overrides]
+        return launch_local(argv, args.nproc)
+
+    setup_logging(args.log_level, rank=dist_env_from_environ().rank)
+    try:
+        outcome = run_training(cfg, args.run_dir)
+    except NonFiniteTrainingError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    if outcome.status == "preempted":
+        return EXIT_REQUEUE
+    log.info("done: step %d, %d samples seen", outcome.step, outcome.samples_seen)
+    return EXIT_OK

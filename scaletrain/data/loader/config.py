@@ -1,0 +1,89 @@
+"""Config of the training loader over latent shards (issue 6).
+
+See ``docs/data_loader.md`` for what each field changes and for the exactly-once rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scaletrain.core.config_base import require
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Generated tensors instead of latent shards (``scaletrain/data/loader/synthetic.py``).
+
+    For engine tests and benchmarks with ``model.arch: toy``: no shards, no encoders. Sample i
+    is a function of (seed, i mod samples); the latents lie on one line through the origin,
+    so a denoiser can drive the loss well below its starting value."""
+
+    enabled: bool = False
+    samples: int = 64  # dataset size (one epoch)
+    latent_channels: int = 4
+    latent_size: int = 8  # latent height and width
+    pooled_dim: int = 16  # width of the pooled text vector ("pooled" in the batch)
+    # Fault injection: on rank `nan_rank`, the batches with these 0-based global batch numbers
+    # (= optimizer step index when train.grad_accum is 1) carry NaN latents.
+    nan_batches: list[int] = field(default_factory=list)
+    nan_rank: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "latent_channels", "latent_size", "pooled_dim"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        require(all(b >= 0 for b in self.nan_batches), "nan_batches", "must be >= 0")
+        require(self.nan_rank >= 0, "nan_rank", f"must be >= 0, got {self.nan_rank}")
+
+
+@dataclass
+class DataConfig:
+    """The training loader over latent shards.
+
+    ``batch_size`` is the per-rank micro-batch; the global batch is
+    ``batch_size * world_size * grad_accum`` (grad_accum belongs to the train section).
+    """
+
+    # Directory of latent shards holding index.json (written by `scaletrain preprocess`).
+    path: str = ""
+    # Per-rank micro-batch size; every batch holds exactly this many samples of one bucket.
+    batch_size: int = 8
+    # DataLoader worker processes per rank; 0 reads in the training process itself.
+    num_workers: int = 2
+    # Samples held by the seeded shuffle inside each shard. A value >= the shard size gives a
+    # uniform permutation of the shard; 0 or 1 keeps the stored order. Memory per worker is
+    # about shuffle_buffer samples in their stored dtype.
+    shuffle_buffer: int = 512
+    # Text tokens per sample after padding: encoder_hidden_states is (B, max_text_tokens, D).
+    # SD3-style data puts CLIP then T5 tokens in it, so it needs room for both (77 + 256).
+    max_text_tokens: int = 77
+    # Added to the run's seed for everything the loader draws (shard order, shuffles, latents).
+    seed_offset: int = 0
+    # Draw z = mean + std * eps each epoch (Rombach et al. 2022); false uses the mean.
+    sample_latents: bool = True
+    # Batches each DataLoader worker prepares ahead (DataLoader's prefetch_factor).
+    prefetch_factor: int = 2
+    # Pin batch memory for faster host-to-GPU copies (only useful with CUDA).
+    pin_memory: bool = False
+    # Seconds the loader waits for a worker's batch before raising (0: wait forever).
+    timeout_s: float = 0.0
+    # Generated tensors instead of shards at `path` (engine tests and benchmarks).
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def __post_init__(self) -> None:
+        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(
+            self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}"
+        )
+        require(
+            self.max_text_tokens > 0,
+            "max_text_tokens",
+            f"must be > 0, got {self.max_text_tokens}",
+        )
+        require(self.seed_offset >= 0, "seed_offset", f"must be >= 0, got {self.seed_offset}")
+        require(
+            self.prefetch_factor >= 1,
+            "prefetch_factor",
+            f"must be >= 1, got {self.prefetch_factor}",
+        )
+        require(self.timeout_s >= 0, "timeout_s", f"must be >= 0, got {self.timeout_s}")

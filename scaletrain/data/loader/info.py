@@ -1,0 +1,96 @@
+"""Dataset facts the trainer needs to build its model and objective before the first batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from scaletrain.data.loader.batching import BadSample, SampleSchema, parse_sample
+from scaletrain.data.loader.dataset_index import DatasetIndex, load_dataset_index
+from scaletrain.data.loader.shard_reader import iter_stored_samples
+from scaletrain.data.shard_format import EMPTY_PROMPT_NAME
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a latent-shard directory holds (dims from its first readable sample)."""
+
+    path: str
+    num_samples: int
+    num_shards: int
+    bucket_counts: dict[str, int]
+    latent_channels: int
+    # Pixels per latent cell (8 for the SD VAEs), from the first sample's bucket.
+    latent_downsample: int
+    latent_dtype: str
+    text_dim: int
+    pooled_dim: int
+    t5_dim: int | None
+    scaling_factor: float
+    shift_factor: float
+    # The text encoders' output for "" (hidden_states, pooled[, t5_hidden_states]), as stored.
+    empty_prompt: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def context_dim(self) -> int:
+        """Width D of the batch's encoder_hidden_states (SD3: the T5 width)."""
+        return max(self.text_dim, self.t5_dim or 0)
+
+    @property
+    def schema(self) -> SampleSchema:
+        return SampleSchema(self.latent_channels, self.text_dim, self.pooled_dim, self.t5_dim)
+
+    def latent_size(self, bucket: str) -> tuple[int, int]:
+        """(h, w) of the latents of a bucket named 'HxW' in pixels."""
+        height, width = (int(v) for v in bucket.split("x"))
+        return height // self.latent_downsample, width // self.latent_downsample
+
+
+def _first_sample(index: DatasetIndex):
+    errors = []
+    for shard in index.shards:
+        try:
+            for raw in iter_stored_samples(shard.path):
+                try:
+                    sample = parse_sample(raw.key, raw.files, 0, shard.shard_id, raw.position)
+                except BadSample as exc:
+                    errors.append(str(exc))
+                    continue
+                meta_bucket = sample.group[0]
+                return sample, meta_bucket
+        except Exception as exc:  # unreadable shard: try the next one
+            errors.append(f"{shard.path}: {exc}")
+    detail = "; ".join(errors[:3])
+    raise ValueError(f"{index.root}: no readable sample in any shard ({detail})")
+
+
+def dataset_info(index: DatasetIndex) -> DatasetInfo:
+    sample, bucket = _first_sample(index)
+    downsample = 8
+    if bucket != "?":
+        downsample = max(1, int(bucket.split("x")[0]) // sample.mean.shape[1])
+    empty_path = Path(index.root) / EMPTY_PROMPT_NAME
+    empty = load_file(str(empty_path)) if empty_path.is_file() else None
+    return DatasetInfo(
+        path=str(index.root),
+        num_samples=index.num_samples,
+        num_shards=index.num_shards,
+        bucket_counts=index.bucket_counts,
+        latent_channels=sample.mean.shape[0],
+        latent_downsample=downsample,
+        latent_dtype=str(sample.mean.dtype).removeprefix("torch."),
+        text_dim=sample.hidden_states.shape[1],
+        pooled_dim=sample.pooled.shape[0],
+        t5_dim=None if sample.t5_hidden_states is None else sample.t5_hidden_states.shape[1],
+        scaling_factor=index.scaling_factor,
+        shift_factor=index.shift_factor,
+        empty_prompt=empty,
+    )
+
+
+def read_dataset_info(path: str | Path) -> DatasetInfo:
+    """Dims, normalisation, bucket counts and the empty-prompt embedding of a latent dataset."""
+    return dataset_info(load_dataset_index(path))

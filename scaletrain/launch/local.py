@@ -1,0 +1,101 @@
+"""Run N training processes on this machine, the way torchrun would, without torchrun.
+
+``launch_local(argv, nproc)`` starts ``python -m scaletrain.cli *argv`` N times with RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT,
+lets their output stream through (they inherit stdout/stderr), and waits. If one worker
+fails the others are killed at once: a survivor would otherwise block forever in a
+collective waiting for its dead peer. SIGTERM/SIGUSR1/SIGINT sent to the launcher are
+forwarded to the workers, which checkpoint and exit with EXIT_REQUEUE.
+
+Combined exit status: the first failure's status (128 + signal number for a worker killed
+by a signal); else EXIT_REQUEUE if any worker was preempted; else 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from scaletrain.core.dist_env import EXIT_REQUEUE, free_port
+
+log = logging.getLogger(__name__)
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def threads_per_worker(nproc: int, cpu_count: int | None = None) -> int:
+    """Intra-op threads per worker so that N workers together use each core once.
+
+    Without a limit every worker starts one thread per core, N times too many: on a small
+    machine they spin against each other and a step takes several times longer (torchrun
+    sets OMP_NUM_THREADS=1 for the same reason).
+    """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, cores // max(1, nproc))
+
+
+def worker_env(rank: int, nproc: int, port: int, base: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
+    env.update(
+        RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    # A user's own setting wins; otherwise share the cores out.
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(nproc)))
+    return env
+
+
+def _status(code: int) -> int:
+    return 128 - code if code < 0 else code  # Popen reports death by signal N as -N
+
+
+def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None = None,
+                 poll_s: float = 0.2, program: Sequence[str] | None = None) -> int:
+    """Run ``python -m scaletrain.cli *argv`` as ``nproc`` ranks; return the combined status.
+
+    ``program`` replaces ``python -m scaletrain.cli`` (tests run small scripts instead).
+    """
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    base = dict(os.environ if env is None else env)
+    port = free_port()
+    cmd = [*(program or (sys.executable, "-m", "scaletrain.cli")), *argv]
+    procs = [subprocess.Popen(cmd, env=worker_env(r, nproc, port, base)) for r in range(nproc)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    codes: dict[int, int] = {}
+    failure: int | None = None
+    try:
+        while len(codes) < nproc:
+            for rank, p in enumerate(procs):
+                if rank in codes or p.poll() is None:
+                    continue
+                codes[rank] = _status(p.returncode)
+                if codes[rank] not in (0, EXIT_REQUEUE) and failure is None:
+                    failure = codes[rank]
+                    log.error("rank %d exited with status %d; stopping the other ranks",
+                              rank, failure)
+                    for other in procs:
+                        if other.poll() is None:
+                            other.kill()
+            time.sleep(poll_s)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure is not None:
+        return failure
+    return EXIT_REQUEUE if EXIT_REQUEUE in codes.values() else 0
