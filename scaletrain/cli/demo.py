@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from scaletrain import cli
 from scaletrain.core.log import setup_logging
 from scaletrain.data.synthetic import (
@@ -94,6 +96,22 @@ def _run_cli(argv: list[str], stage: str) -> None:
         raise DemoError(f"{stage} failed (exit status {status}): scaletrain {' '.join(argv)}")
 
 
+def bf16_is_emulated(size: int = 256, repeats: int = 5) -> bool:
+    """Whether bf16 matmuls are much slower than fp32 ones on this CPU (no AVX512-BF16/AMX:
+    PyTorch then converts every element). Measured, since CPU flags do not tell reliably."""
+    a = torch.randn(size, size)
+
+    def best(x: torch.Tensor) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a.bfloat16()) > 3 * best(a)
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     run = Path(args.run_dir).resolve()
     raw, latents, train_dir = run / "raw", run / "latents", run / "train"
@@ -110,9 +128,16 @@ def run_demo(args: argparse.Namespace) -> dict:
         _run_cli(["preprocess", args.config, "--input", pattern, "--output", str(latents),
                   "--workers", str(args.workers)], "preprocessing")
 
-    with _Stage(3, f"train: {args.nproc} processes, DeepSpeed ZeRO-2, bf16, EMA"):
+    precision = []
+    if not torch.cuda.is_available() and bf16_is_emulated():
+        print("[demo] this CPU has no native bf16 (it is emulated, ~13x slower than fp32 here): "
+              "training in fp32 (train.bf16=false)", flush=True)
+        precision = ["train.bf16=false"]
+    mode = "fp32" if precision else "bf16"
+    with _Stage(3, f"train: {args.nproc} processes, DeepSpeed ZeRO-2, {mode}, EMA"):
         _run_cli(["train", args.config, "--run-dir", str(train_dir), "--nproc",
-                  str(args.nproc), f"data.path={latents}", *args.overrides], "training")
+                  str(args.nproc), f"data.path={latents}", *precision, *args.overrides],
+                 "training")
 
     with _Stage(4, "export the EMA weights"):
         export_checkpoint(train_dir, export_dir, weights="ema", layout="safetensors",
