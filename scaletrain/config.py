@@ -44,7 +44,11 @@ class RootConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
-        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        # Seeds reach torch.manual_seed (at most 2**64 - 1) and numpy, with data.seed_offset
+        # added; 63 bits leave room for both.
+        require(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+        require(self.seed + self.data.seed_offset < 2**63, "data.seed_offset",
+                f"seed + data.seed_offset must be < 2**63, got {self.seed + self.data.seed_offset}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RootConfig:

@@ -34,6 +34,12 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong. The message names the dotted key."""
 
 
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error line never prints a huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError for ``key`` unless ``condition`` holds (used in __post_init__)."""
     if not condition:
@@ -41,6 +47,78 @@ def require(condition: bool, key: str, message: str) -> None:
 
 
 # --------------------------------------------------------------------------- YAML files
+
+# A real config has a few hundred values; a "billion laughs" document (aliases of aliases)
+# stands for ~1e9 of them in a few lines, and every dict copy then materialises them.
+MAX_YAML_VALUES = 100_000
+
+
+class YAMLSyntaxError(ConfigError):
+    """Text that is not YAML at all (an override value is then taken as a plain string)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing duplicate keys (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {show(key)} (first at line {first[key] + 1})",
+                    key_node.start_mark)
+            first.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _StrictLoader.construct_mapping)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for once its aliases are expanded (memoised per node,
+    so this costs one visit per distinct node however large the expansion)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = size
+    return size
+
+
+def _at(where: str, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"{where}:{mark.line + 1}" if mark is not None else where
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse one YAML document safely: no duplicate keys, no alias expansion past
+    MAX_YAML_VALUES values. Errors are ConfigErrors naming ``where`` (a file, an override)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {})
+        except RecursionError:
+            raise ConfigError(f"{where}: nested too deeply to be a config") from None
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{where}: expands to {size:,} values through YAML aliases (more than "
+                f"{MAX_YAML_VALUES:,}): refused")
+        return loader.construct_document(node)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(f"{_at(where, exc)}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise YAMLSyntaxError(f"{_at(where, exc)}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -51,10 +129,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"base: circular include: {chain}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -85,15 +160,15 @@ def deep_merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into (["a","b","c"], parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        raise ConfigError(f"override {show(text)}: expected KEY=VALUE, e.g. train.lr=1e-4")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {text!r}: empty component in key {key!r}")
+        raise ConfigError(f"override {show(text)}: empty component in key {show(key)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"override {key}") if raw.strip() else ""
+    except YAMLSyntaxError:
+        value = raw  # not YAML: the literal text
     # YAML reads 1e-4 as a string (it wants 1.0e-4); users write 1e-4.
     if isinstance(value, str):
         try:
@@ -114,7 +189,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {show(text)}: {show(part)} is a value, not a section")
             else:
                 child = node[part] = dict(child)
             node = child
@@ -175,19 +250,19 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return _convert(arg, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: got {value!r}; expected {_describe(tp)}")
+        raise ConfigError(f"{key}: got {show(value)}; expected {_describe(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             raise ConfigError(
-                f"{key}: got {value!r}; allowed: " + ", ".join(repr(a) for a in allowed)
+                f"{key}: got {show(value)}; allowed: " + ", ".join(repr(a) for a in allowed)
             )
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping ({tp.__name__}), got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping ({tp.__name__}), got {show(value)}")
         return from_dict(tp, value, key)
     if origin in (list, tuple):
         if isinstance(value, (list, tuple)):
@@ -200,29 +275,29 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 inner = args[0] if args else Any
                 items = [_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
             return tuple(items) if origin is tuple else items
-        raise ConfigError(f"{key}: got {value!r}; expected {_describe(tp)}")
+        raise ConfigError(f"{key}: got {show(value)}; expected {_describe(tp)}")
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: got {value!r}; expected a mapping")
+            raise ConfigError(f"{key}: got {show(value)}; expected a mapping")
         kt, vt = get_args(tp) or (Any, Any)
         return {_convert(kt, k, key): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: got {value!r}; expected true or false")
+        raise ConfigError(f"{key}: got {show(value)}; expected true or false")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: got {value!r}; expected an integer")
+            raise ConfigError(f"{key}: got {show(value)}; expected an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: got {value!r}; expected a number")
+            raise ConfigError(f"{key}: got {show(value)}; expected a number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: got {value!r}; expected a string")
+            raise ConfigError(f"{key}: got {show(value)}; expected a string")
         return value
     return value
 
@@ -236,7 +311,7 @@ def _convert_tagged(classes: list[type], value: dict[str, Any], key: str) -> Any
         raise ConfigError(f"{key}.{tag}: missing; allowed: " + ", ".join(map(repr, choices)))
     if value[tag] not in choices:
         raise ConfigError(
-            f"{key}.{tag}: got {value[tag]!r}; allowed: " + ", ".join(map(repr, choices))
+            f"{key}.{tag}: got {show(value[tag])}; allowed: " + ", ".join(map(repr, choices))
         )
     return from_dict(choices[value[tag]], value, key)
 
