@@ -93,6 +93,8 @@ def frozen_shapes(states: list[dict]) -> dict[str, tuple[int, ...]]:
     listed = states[0].get("frozen_param_shapes")
     if listed:
         return {k: tuple(v) for k, v in listed.items()}
+    if states[0].get("param_shapes") is None:  # ZeRO-0: the module holds every parameter
+        return {}
     trained = {name for group in states[0]["param_shapes"] for name in group}
     skip = trained | set(states[0].get("buffer_names") or [])
     return {k: tuple(v.shape) for k, v in (states[0].get("module") or {}).items()

@@ -163,13 +163,20 @@ class CheckpointTensors:
             self._states = model_states(ckpt)
         except FileNotFoundError as exc:
             raise InitSourceError(f"model.init_from: {exc}") from None
+        # ZeRO-1/2/3 save optimizer shards with the fp32 masters; ZeRO-0 (bf16) only the
+        # module, which then holds the weights as trained (what its export reads too).
+        self.zero = any((ckpt / DS_TAG).glob("*optim_states.pt"))
         self.shapes: dict[str, tuple[int, ...]] = {}
-        for group in self._states[0]["param_shapes"]:
-            self.shapes.update({k: tuple(v) for k, v in group.items()})
+        if self.zero:
+            for group in self._states[0]["param_shapes"]:
+                self.shapes.update({k: tuple(v) for k, v in group.items()})
+        else:
+            buffers = set(self._states[0].get("buffer_names") or [])
+            self.shapes = {k: tuple(v.shape) for k, v in self._states[0]["module"].items()
+                           if k not in buffers}
         self.frozen = frozen_shapes(self._states)
         self.shapes.update(self.frozen)
-        model_files = sorted((ckpt / DS_TAG).glob("*model_states.pt"))
-        self.files = list(model_files)
+        self.files = sorted((ckpt / DS_TAG).glob("*model_states.pt"))
         self._ema: list[dict] = []
         self._ema_index: dict[str, list[tuple[int, int]]] = {}
         if weights == "ema":
@@ -213,6 +220,8 @@ class CheckpointTensors:
         return out
 
     def _master(self, key: str) -> torch.Tensor:
+        if not self.zero:
+            return self._states[0]["module"][key].float()
         if self.universal is None:
             raise RuntimeError("CheckpointTensors.universal is not set (convert first)")
         path = self.universal / "zero" / key / "fp32.pt"
@@ -549,8 +558,7 @@ def _open_export(spec: str, path: Path, cfg: ModelConfig, expected) -> WeightSou
         source = _open_diffusers(spec, path, cfg, expected, kind=EXPORT)
     else:
         reader = SafetensorsFiles([path / meta.get("weights_file", WEIGHTS_NAME)])
-        names = {n: n for n in expected}
-        source = _mapped(spec, path, EXPORT, reader, identity_map(names), expected,
+        source = _mapped(spec, path, EXPORT, reader, identity_map(expected), expected,
                          model_keys=list(reader.shapes))
         source.config_difference = architecture_difference(meta.get("model", {}), cfg)
     prov = meta.get("provenance", {})
@@ -565,10 +573,13 @@ def _open_checkpoint(spec: str, path: Path, cfg: ModelConfig, expected) -> Weigh
     except FileNotFoundError as exc:
         raise InitSourceError(f"model.init_from: {exc}") from None
     reader = CheckpointTensors(ckpt, cfg.init_weights)
-    names = {n: n for n in expected}
-    source = _mapped(spec, ckpt, CHECKPOINT, reader, identity_map(names), expected,
+    source = _mapped(spec, ckpt, CHECKPOINT, reader, identity_map(expected), expected,
                      model_keys=list(reader.shapes))
     source.checkpoint = ckpt
+    if cfg.init_optimizer and not reader.zero:
+        raise InitSourceError(f"model.init_optimizer: {ckpt} was written under ZeRO-0, whose "
+                              "optimizer state cannot be re-sliced; load its weights only "
+                              "(model.init_optimizer=false)")
     config_path = ckpt / CONFIG
     if config_path.is_file():
         model = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("model", {})

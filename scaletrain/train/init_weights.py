@@ -46,7 +46,6 @@ from scaletrain.core.run_dir import CONFIG, find_latest, rank_files
 from scaletrain.export.consolidate import DS_TAG, convert_to_universal
 from scaletrain.export.sources import (
     CHECKPOINT,
-    CheckpointTensors,
     InitSourceError,
     WeightSource,
     open_weight_source,
@@ -114,11 +113,16 @@ def start_weights(source: WeightSource | None, model_cfg, *, run_dir: Path, engi
 
 def _initialise(source: WeightSource, model_cfg, run_dir: Path, engine, ema, state,
                 rank: int) -> dict[str, Any]:
+    if model_cfg.init_optimizer and not engine.zero_optimization():
+        raise InitSourceError("model.init_optimizer: train.zero_stage=0 keeps its optimizer "
+                              "state in a form DeepSpeed cannot load from another run; use "
+                              "ZeRO-1, 2 or 3, or model.init_optimizer=false")
     start = time.monotonic()
     log.info("initialising from %s (%s, %s)", source.spec, source.kind, source.path)
     hashes = _hash_in_background(source.files) if rank == 0 else None
     scratch = None
-    if source.kind == CHECKPOINT and (model_cfg.init_weights == "raw" or model_cfg.init_optimizer):
+    if source.kind == CHECKPOINT and source.reader.zero and (
+            model_cfg.init_weights == "raw" or model_cfg.init_optimizer):
         scratch = _universal(source, run_dir, rank, engine.optimizer)
         if model_cfg.init_weights == "raw":
             source.reader.universal = scratch
@@ -163,6 +167,7 @@ def load_weights(engine, source: WeightSource, rank: int) -> int:
     one parameter at a time; parameters the source lacks keep their init. Returns how many
     parameter tensors were written."""
     loaded = 0
+    unfused = _unfused_masters(engine.optimizer)
     for name, param in engine.module.named_parameters():
         if name not in source.key_map:
             continue
@@ -175,8 +180,18 @@ def load_weights(engine, source: WeightSource, rank: int) -> int:
             if mapping is not None:  # this rank's fragment of the fp32 master, exactly
                 a = mapping.lp_fragment_address
                 mapping.hp_fragment.data.copy_(value.reshape(-1)[a.start:a.start + a.numel])
+            elif id(param) in unfused:  # ZeRO-0: a whole fp32 copy per parameter
+                unfused[id(param)].data.copy_(value.reshape(param.shape))
         loaded += 1
     return loaded
+
+
+def _unfused_masters(optimizer) -> dict[int, torch.Tensor]:
+    """ZeRO-0 in bf16: DeepSpeed's unfused optimizer keeps one fp32 master per parameter
+    (``fp32_groups``, paired with ``fp16_groups``); the ZeRO stages have none of these."""
+    pairs = zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", []))
+    return {id(lp): hp for lps, hps in pairs for lp, hp in zip(lps, hps)
+            if not hasattr(lp, "_hp_mapping")}
 
 
 def _load_partitioned(param, name: str, source: WeightSource, rank: int) -> None:
@@ -276,8 +291,6 @@ def load_optimizer_state(engine, universal: Path, source: WeightSource) -> None:
     """Adam's moments and step count from a universal checkpoint into this engine's ZeRO
     optimizer (any stage and world size: each takes its own partition), keeping this run's
     hyperparameters (betas, eps, weight decay, clipping)."""
-    reader = source.reader
-    assert isinstance(reader, CheckpointTensors)
     names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     lacking = [n for n in names if not (universal / "zero" / n / "exp_avg.pt").is_file()]
     if lacking:

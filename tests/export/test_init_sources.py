@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from scaletrain.config import load_config
 from scaletrain.export.sources import (
     DIFFUSERS_KIND,
+    EXPORT,
     MAX_REPORT_LINES,
     SD3_FILE,
     SDXL_FILE,
@@ -27,10 +28,12 @@ from scaletrain.export.sources import (
     InitSourceError,
     open_weight_source,
 )
+from scaletrain.export.writer import export_state_dict
 from scaletrain.models import build_model
-from scaletrain.models.diffusers_compat import diffusers_config
+from scaletrain.models.diffusers_compat import diffusers_config, to_diffusers_state_dict
 from scaletrain.models.key_maps import sd3_state_dict, sgm_unet_state_dict
 from tests.support.released import diffusers_model, save_pipeline, save_single_file
+from tests.support.tiny import tiny_root_config, trained_like
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = {"unet": "tiny_unet", "mmdit": "tiny_mmdit"}
@@ -131,6 +134,30 @@ def test_an_export_and_a_bare_state_dict_are_read_by_name(tmp_path):
         cfg, init_from=str(tmp_path / "weights.safetensors")))
     assert source.kind == STATE_DICT and source.check(True) == []
     assert all(torch.equal(source.read(n), state[n]) for n in state)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "diffusers"])
+def test_our_exports_are_sources_in_either_layout(layout, tmp_path):
+    """`scaletrain export` output, with a residual scale that the diffusers layout folds in:
+    read onto a model without it (what the folded weights compute), or refused for one with
+    it (the scale would apply twice)."""
+    run_cfg = tiny_root_config("tiny_mmdit", ["diffusion.objective=flow"])
+    run_cfg.model = dataclasses.replace(run_cfg.model, residual_scale=0.5)
+    state = trained_like(run_cfg.model).state_dict()
+    export_state_dict(state, run_cfg, tmp_path / "out", layout=layout, weights="raw")
+    same = dataclasses.replace(run_cfg.model, init_from=str(tmp_path / "out"))
+    source = open_weight_source(same)
+    assert source.kind == EXPORT and source.details["layout"] == layout
+    if layout == "safetensors":
+        assert source.check(strict=True) == []
+        assert all(torch.equal(source.read(n), state[n]) for n in state)
+        return
+    with pytest.raises(InitSourceError, match="model.residual_scale"):
+        source.check(strict=True)
+    unscaled = open_weight_source(dataclasses.replace(same, residual_scale=1.0))
+    assert unscaled.check(strict=True) == []
+    folded = to_diffusers_state_dict(state, run_cfg.model)
+    assert all(torch.equal(unscaled.read(n), folded[n]) for n in state)
 
 
 def test_mismatched_architecture_is_one_error_of_at_most_20_lines(released):
