@@ -155,8 +155,10 @@ bf16 engine with the sharded EMA: each rank reads only the rows covering its par
 writes them into its bf16 partition and its fp32 master partition. "Peak RSS added by init"
 is the resident memory above what the built engine held (peak mark reset just before), memory-
 mapped file pages included; rank 0 also hashes the file (sha256) for the run's record. The
-last column is the baseline in the same processes: every tensor of the file read into
-memory, i.e. one full fp32 copy per rank, as `load_state_dict(load_file(path))` makes.
+last column is the baseline in the same processes: every tensor of the file copied into
+memory (`get_tensor(...).clone()` of each), as `load_state_dict(load_file(path))` does: the
+file's mapped pages plus one full fp32 copy, on every rank. "Init s" includes rank 0's
+sha256 of the file, which runs beside the loading.
 
 {text}
 
