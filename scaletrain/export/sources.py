@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import yaml
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from scaletrain.core.config_base import ConfigError
@@ -404,9 +405,6 @@ def fetch_from_hub(repo_id: str, arch: str) -> Path:
     unet/ or transformer/, or a model repo's own files; safetensors only) into the hub cache
     and return the snapshot folder. The cache is reused; HF_TOKEN gives access to gated repos.
     """
-    # Imported here: only this path needs it, and it reads its settings at import.
-    from huggingface_hub import snapshot_download
-
     patterns = [PIPELINE_INDEX, CONFIG_NAME, SIDECAR_NAME, WEIGHTS_NAME]
     for folder in ("", PIPELINE_SUBFOLDER.get(arch, "") + "/"):
         patterns += [f"{folder}{CONFIG_NAME}", f"{folder}{DIFFUSERS_WEIGHTS}.safetensors",
