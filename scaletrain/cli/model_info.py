@@ -39,6 +39,8 @@ def main(args: argparse.Namespace) -> int:
     lines = [
         f"arch:                 {info['arch']}",
         f"parameters:           {info['params']:,} ({info['params'] / 1e9:.3f} B)",
+        f"trainable:            {info['trainable_params']:,} "
+        f"({100 * info['trainable_params'] / max(info['params'], 1):.1f}%)",
         f"resolution:           {info['sample_size']}x{info['sample_size']} latents, "
         f"{info['text_seq_len']} text tokens",
         f"forward FLOPs/sample: {info['flops_per_sample'] / 1e12:.3f} TFLOP",

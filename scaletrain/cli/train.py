@@ -13,9 +13,11 @@ import argparse
 import logging
 
 from scaletrain.cli.common import add_config_arguments, resolve_config
+from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
 from scaletrain.core.log import setup_logging
 from scaletrain.launch.local import launch_local
+from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
 
 log = logging.getLogger(__name__)
@@ -35,16 +37,25 @@ def main(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_OK
     if args.nproc is not None:
+        # model.init_from that does not fit fails here, once, before any rank starts.
+        setup_logging(args.log_level)
+        check_init_source(cfg, args.run_dir)
         argv = ["train", args.config, "--run-dir", args.run_dir, "--log-level",
                 args.log_level, *args.overrides]
         return launch_local(argv, args.nproc)
 
-    setup_logging(args.log_level, rank=dist_env_from_environ().rank)
+    rank = dist_env_from_environ().rank
+    setup_logging(args.log_level, rank=rank)
     try:
         outcome = run_training(cfg, args.run_dir)
     except NonFiniteTrainingError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+    except ConfigError as exc:
+        if rank != 0:  # every rank finds the same problem; rank 0 prints it
+            log.debug("%s", exc)
+            return EXIT_FAILED
+        raise
     if outcome.status == "preempted":
         return EXIT_REQUEUE
     log.info("done: step %d, %d samples seen", outcome.step, outcome.samples_seen)

@@ -10,6 +10,7 @@ directory after it, so that after a power loss the new name never points at shor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -63,3 +64,12 @@ def atomic_write(path: str | Path, data: bytes | str, durable: bool = False) -> 
 
 def atomic_write_json(path: str | Path, data: Any, durable: bool = False) -> Path:
     return atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n", durable)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    """The hex sha256 of a file, read in chunks (constant memory for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()

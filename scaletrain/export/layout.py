@@ -19,7 +19,8 @@ Two layouts, both self-describing (everything ``scaletrain sample`` needs is ins
 Export metadata (JSON)::
 
     format, format_version, layout, weights_file, diffusers_class (diffusers layout only)
-    model          our model config (the dataclass as a dict, ``arch`` tagged)
+    model          our model config (the dataclass as a dict, ``arch`` tagged), with
+                   ``init_record``: what training was initialised from (model.init_from)
     diffusion      the run's diffusion section (objective, schedule, sampler defaults)
     data           {"max_text_tokens"}: the text length the loader padded to in training
     preprocess     the preprocess section that names the image and text encoders

@@ -12,7 +12,7 @@ Public API::
 No torch.distributed, deepspeed or wandb here: the engine wraps the model from outside.
 """
 
-from scaletrain.models.build import build_model, count_parameters, materialize_
+from scaletrain.models.build import build_model, count_parameters, materialize_, set_trainable_
 from scaletrain.models.config import MMDiTConfig, ModelConfig, ToyConfig, UNetConfig
 from scaletrain.models.mmdit import MMDiT
 from scaletrain.models.toy import ToyDenoiser
@@ -29,4 +29,5 @@ __all__ = [
     "build_model",
     "count_parameters",
     "materialize_",
+    "set_trainable_",
 ]

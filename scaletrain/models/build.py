@@ -6,11 +6,13 @@ passes its partitioner to :func:`materialize_` as ``after_module``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
+from scaletrain.core.config_base import ConfigError
 from scaletrain.models.config import ModelConfig
 from scaletrain.models.layers import init_module_
 from scaletrain.models.mmdit import MMDiT
@@ -80,6 +82,23 @@ def materialize_(
         if after_module is not None:
             after_module(module)
     return model
+
+
+def set_trainable_(model: nn.Module, pattern: str | None) -> int:
+    """Freeze every parameter whose name ``pattern`` does not match (``re.search``); return how
+    many parameters (elements) train. ``None`` trains all. A pattern that matches no name is a
+    mistake, never a run that trains nothing."""
+    params = list(model.named_parameters())
+    if pattern is None:
+        return sum(p.numel() for _, p in params)
+    regex = re.compile(pattern)
+    for name, p in params:
+        p.requires_grad_(regex.search(name) is not None)
+    if not any(p.requires_grad for _, p in params):
+        example = ", ".join(name for name, _ in params[:3])
+        raise ConfigError(f"model.trainable: {pattern!r} matches none of the model's "
+                          f"{len(params)} parameter names (e.g. {example})")
+    return sum(p.numel() for _, p in params if p.requires_grad)
 
 
 def count_parameters(model: nn.Module) -> int:

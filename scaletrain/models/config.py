@@ -10,10 +10,12 @@ tests/models/test_param_counts.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-from scaletrain.core.config_base import require
+from scaletrain.core.config_base import ConfigError, require, to_dict
 
 # Skip-scaling modes of the U-Net's long skips (seed 001 § 5.2):
 #   none      w_s = 1                                   (SDXL)
@@ -24,7 +26,48 @@ SkipScaling = Literal["none", "constant", "per_level", "log_snr"]
 
 
 @dataclass
-class UNetConfig:
+class InitConfig:
+    """Where a new run's weights come from, and which of them train (every ``arch`` has these).
+
+    ``init_from`` is read once, at step 0 of a new run (``scaletrain.train.init_weights``); a
+    run that resumes from its own checkpoint ignores it and says so in its log.
+    """
+
+    # Start from these weights instead of a random init: a diffusers model or pipeline folder
+    # (its unet/ or transformer/), an SDXL or SD3/SD3.5 single .safetensors file, a
+    # `scaletrain export` directory, a scaletrain run directory or one of its
+    # checkpoints/step_N, or a Hugging Face hub id (fetched like a local folder).
+    init_from: str | None = None
+    # Every model parameter must be in the source with its shape, and nothing else. false: load
+    # what fits; parameters the source lacks keep their init, and both lists are logged.
+    init_strict: bool = True
+    init_weights: Literal["raw", "ema"] = "raw"  # from a scaletrain run/checkpoint: which weights
+    # From a scaletrain run/checkpoint: also carry over its Adam moments and EMA (at any world
+    # size and ZeRO stage). The data position always starts afresh.
+    init_optimizer: bool = False
+    init_keep_step: bool = False  # from a scaletrain run/checkpoint: continue its step count
+    # Train only the parameters whose name matches this regular expression (re.search on
+    # diffusers' parameter names, e.g. "attn" or "^transformer_blocks\.(2[0-9]|3[0-7])\.");
+    # the rest are frozen and hold no optimizer state or EMA. null: train every parameter.
+    # `scaletrain model-info CONFIG model.trainable=RE` counts what a pattern selects.
+    trainable: str | None = None
+    # Written by training, not read: what init_from resolved to (kind, files with sha256, key
+    # counts). Kept in the run's config.yaml and every export's metadata.
+    init_record: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        require(self.init_from is None or bool(self.init_from.strip()), "init_from",
+                "must be a path or hub id, or null")
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except re.error as exc:
+                raise ConfigError(
+                    f"trainable: {self.trainable!r} is not a regular expression: {exc}") from None
+
+
+@dataclass
+class UNetConfig(InitConfig):
     """SDXL-style U-Net. Levels are counted from the full-resolution one (level 0)."""
 
     arch: Literal["unet"] = "unet"
@@ -66,6 +109,7 @@ class UNetConfig:
     gradient_checkpointing: bool = False  # per ResBlock and per attention block
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         levels = len(self.block_out_channels)
         require(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
         require(
@@ -144,7 +188,7 @@ class UNetConfig:
 
 
 @dataclass
-class MMDiTConfig:
+class MMDiTConfig(InitConfig):
     """SD3-style MMDiT, sized by depth d: hidden 64*d, d heads."""
 
     arch: Literal["mmdit"] = "mmdit"
@@ -171,6 +215,7 @@ class MMDiTConfig:
     gradient_checkpointing: bool = False  # per joint block
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.depth > 0, "depth", f"must be > 0, got {self.depth}")
         require(self.num_heads is None or self.num_heads > 0, "num_heads", "must be > 0 or null")
         require(self.head_dim > 0 and self.head_dim % 4 == 0, "head_dim", "must be a multiple of 4")
@@ -210,7 +255,7 @@ class MMDiTConfig:
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(InitConfig):
     """A small MLP denoiser (``models/toy.py``): engine tests and benchmarks, not for images.
 
     It takes the latent, the timestep and the pooled text embedding only (no token states),
@@ -225,9 +270,40 @@ class ToyConfig:
     text_seq_len: int = 0  # no token states (model-info reads this field)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("in_channels", "sample_size", "pooled_projection_dim", "width", "depth"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
 
 
 # The ``model`` section: a tagged union on ``arch``, so overrides stay flat (model.depth=24).
 ModelConfig = UNetConfig | MMDiTConfig | ToyConfig
+
+
+# Fields that do not change what a model computes from given weights: initialisation choices,
+# cost switches, inputs of the FLOP count, and the init keys themselves. Two configs that
+# differ only here hold interchangeable weights. (LayerScale's init value is one; whether
+# LayerScale exists is not, and shows up as parameters.)
+_NOT_ARCHITECTURE = frozenset(
+    {f.name for f in fields(InitConfig)}
+    | {"gradient_checkpointing", "text_seq_len", "zero_init_residual", "adaln_zero"}
+)
+
+
+def architecture_difference(source: Mapping[str, Any], cfg: ModelConfig
+                            ) -> tuple[str, Any, Any] | None:
+    """The first field in which ``source`` (a model section as a dict: an export's or a run's
+    config) and ``cfg`` build different functions, as (field, source value, cfg value); None
+    when they agree. Fields the source does not record are not compared."""
+    ours = to_dict(cfg)
+    ignore = set(_NOT_ARCHITECTURE)
+    if isinstance(cfg, UNetConfig):
+        ignore.add("sample_size")  # the U-Net works at any size; model-info's FLOPs use it
+    for name, value in ours.items():
+        if name in ignore or name not in source:
+            continue
+        theirs = source[name]
+        if name == "layer_scale_init":  # only whether it exists matters once weights are given
+            theirs, value = theirs is not None, value is not None
+        if theirs != value:
+            return name, theirs, value
+    return None

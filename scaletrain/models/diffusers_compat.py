@@ -14,10 +14,15 @@ No diffusers import here: plain dicts, so the exporter decides how to build the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from scaletrain.models.config import MMDiTConfig, UNetConfig
 from scaletrain.models.layers import sincos_2d_cropped
+
+DIFFUSERS_POS_EMBED = "pos_embed.pos_embed"  # SD3Transformer2DModel's stored sin-cos table
 
 
 def diffusers_class_name(cfg: UNetConfig | MMDiTConfig) -> str:
@@ -90,6 +95,41 @@ def unsupported_options(cfg: UNetConfig | MMDiTConfig) -> list[str]:
     return problems
 
 
+def diffusers_config_difference(source: Mapping[str, Any], cfg: UNetConfig | MMDiTConfig
+                                ) -> tuple[str, Any, Any] | None:
+    """The first field in which a diffusers ``config.json`` and ``cfg`` build different
+    functions, as (field, source value, cfg value); None when they agree. Only fields our
+    export writes are compared (what they do not write, we build at diffusers' defaults);
+    then the options diffusers cannot express, which a diffusers file never has."""
+    name = diffusers_class_name(cfg)
+    if source.get("_class_name", name) != name:
+        return "_class_name", source.get("_class_name"), name
+    ours = diffusers_config(cfg)
+    if isinstance(cfg, UNetConfig):
+        ours.pop("sample_size")  # the U-Net's default resolution only; any size works
+    else:
+        ours["dual_attention_layers"] = []  # SD3.5 Medium's MMDiT-X blocks; ours have none
+    for key, value in ours.items():
+        if key in source and not _same_value(source[key], value):
+            return key, source[key], value
+    for option in unsupported_options(cfg):
+        return f"model.{option.split('=')[0]}", "(not in diffusers)", option.split(" ")[0]
+    if isinstance(cfg, MMDiTConfig) and cfg.residual_scale != 1.0:
+        return "model.residual_scale", 1.0, cfg.residual_scale
+    return None
+
+
+def _same_value(theirs: Any, ours: Any) -> bool:
+    """Equal as configs: diffusers accepts an int where a list has one value per level."""
+    if isinstance(ours, (list, tuple)) and not isinstance(theirs, (list, tuple)):
+        theirs = [theirs] * len(ours)
+    if isinstance(ours, (list, tuple)):
+        return len(theirs) == len(ours) and all(_same_value(a, b) for a, b in zip(theirs, ours))
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return theirs is not None and ours is not None and float(theirs) == float(ours)
+    return theirs == ours
+
+
 def to_diffusers_state_dict(
     state_dict: dict[str, torch.Tensor], cfg: UNetConfig | MMDiTConfig
 ) -> dict[str, torch.Tensor]:
@@ -124,6 +164,21 @@ def to_diffusers_state_dict(
     return out
 
 
+def from_diffusers_names(names) -> dict[str, str]:
+    """Our parameter name -> its name in a diffusers file (import). The identity, except
+    that LayerScale gammas have none (the export folded them into the layer before)."""
+    return {name: name for name in names if ".ls_" not in name}
+
+
+def diffusers_extra_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Tensors a diffusers file holds that are none of our parameters, with the shape this
+    config implies (see :func:`diffusers_extra_state`): checked on import, then ignored."""
+    if not isinstance(cfg, MMDiTConfig):
+        return {}
+    side = cfg.pos_embed_max_size
+    return {DIFFUSERS_POS_EMBED: (1, side * side, cfg.hidden_size)}
+
+
 def diffusers_extra_state(cfg: UNetConfig | MMDiTConfig) -> dict[str, torch.Tensor]:
     """Tensors diffusers' checkpoint holds that ours computes on the fly (added for the exporter).
 
@@ -135,4 +190,4 @@ def diffusers_extra_state(cfg: UNetConfig | MMDiTConfig) -> dict[str, torch.Tens
         return {}
     m = cfg.pos_embed_max_size
     table = sincos_2d_cropped(cfg.hidden_size, m, m, m, cfg.sample_size // cfg.patch_size)
-    return {"pos_embed.pos_embed": table[None].contiguous()}
+    return {DIFFUSERS_POS_EMBED: table[None].contiguous()}

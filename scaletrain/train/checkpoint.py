@@ -27,7 +27,6 @@ are re-sliced, the loader states merged; RNG states are per rank and start afres
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -59,11 +58,10 @@ from scaletrain.core.run_dir import (
     step_dir_name,
 )
 from scaletrain.data.loader import merge_states
-from scaletrain.export.consolidate import DS_TAG
+from scaletrain.export.consolidate import DS_TAG, convert_to_universal
 from scaletrain.train.config import CheckpointConfig
 
 import_deepspeed()
-from deepspeed.checkpoint import ds_to_universal  # noqa: E402
 from deepspeed.checkpoint.constants import (  # noqa: E402
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -248,7 +246,8 @@ def check_same_stage(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None
         raise ConfigError(
             f"train.zero_stage: {ckpt} was written with ZeRO-{saved['zero_stage']}; resuming "
             f"with ZeRO-{zero_stage} is not supported. Keep train.zero_stage="
-            f"{saved['zero_stage']}, or start a new --run-dir (initialise from an export)."
+            f"{saved['zero_stage']}, or start a new --run-dir with model.init_from={ckpt} "
+            "(add model.init_optimizer=true to carry the optimizer state over)."
         )
 
 
@@ -267,14 +266,6 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 def ensure_universal(ckpt: Path) -> Path:
     """Convert ``ckpt/ds`` into ``ckpt/universal`` once (rank 0 only; idempotent)."""
     out = ckpt / UNIVERSAL_TAG
-    if (out / "zero").is_dir():
-        return out
-    tmp = ckpt / (TMP_PREFIX + UNIVERSAL_TAG)
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converting %s to a DeepSpeed universal checkpoint (world size changed)", ckpt)
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(ckpt / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
-    ))
-    tmp.rename(out)
-    return out
+    if not (out / "zero").is_dir():
+        log.info("converting %s to a DeepSpeed universal checkpoint (world size changed)", ckpt)
+    return convert_to_universal(ckpt / DS_TAG, out)

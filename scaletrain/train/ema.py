@@ -154,6 +154,14 @@ class ShardedEMA:
         self.updates = 0
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Start afresh from the current master weights (after they were initialised from
+        released weights): the average of nothing but the starting point."""
+        for shadow, fragment in zip(self.shadow, self.fragments):
+            shadow.copy_(fragment.source())  # in place: no second EMA-sized allocation
+        self.updates = 0
+
+    @torch.no_grad()
     def update(self, samples_after: int, batch_samples: int) -> float:
         """Blend in the current master weights; call after every applied optimizer step."""
         beta = ema_beta(self.cfg, self.updates, samples_after, batch_samples)

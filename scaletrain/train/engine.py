@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.core.dist_env import DistEnv, free_port, import_deepspeed
-from scaletrain.models import build_model, materialize_
+from scaletrain.models import build_model, materialize_, set_trainable_
 from scaletrain.models.config import ModelConfig
 from scaletrain.train.config import TrainConfig
 
@@ -98,6 +98,12 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, micro_batch: int, wor
         )
     else:
         model = build_model(model_cfg, device="cpu")
+    # Frozen parameters (model.trainable) are left out of the optimizer: no master, no moments.
+    set_trainable_(model, model_cfg.trainable)
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    log.info("training %d of %d parameters%s", sum(n for n, train in sizes if train),
+             sum(n for n, _ in sizes),
+             f" (model.trainable={model_cfg.trainable!r})" if model_cfg.trainable else "")
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds_config,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -32,6 +32,7 @@ from scaletrain.models.info import model_info
 from scaletrain.train.checkpoint import RNG, CheckpointManager, PerRank, TrainState, loader_state
 from scaletrain.train.ema import ShardedEMA, master_weight_fragments
 from scaletrain.train.engine import build_engine, init_distributed, set_lr, step_was_skipped
+from scaletrain.train.init_weights import open_init_source, start_weights
 from scaletrain.train.lr import lr_at
 from scaletrain.train.monitor.diagnostics import (
     DiagnosticsSchedule,
@@ -124,6 +125,9 @@ class Trainer:
         self.rank, self.world = rank, world_size
         train = cfg.train
         self.global_batch = cfg.data.batch_size * train.grad_accum * world_size
+        # Checked before anything is built or written: released weights that do not fit stop
+        # the run in seconds (None when there is no model.init_from or the run resumes).
+        init_source = open_init_source(cfg.model, run_dir, cfg.checkpoint.resume)
         if rank == 0:
             save_config(cfg, run_dir)
         self.engine = build_engine(train, cfg.model, cfg.data.batch_size, world_size, cfg.seed,
@@ -143,9 +147,10 @@ class Trainer:
             zero_stage=train.zero_stage, engine=self.engine, train_state=self.state,
             per_rank=self._per_rank_state(), run_info=self._run_info,
             config_yaml=dump_yaml(cfg))
-        resumed = self.checkpoints.restore() is not None
+        resumed = self.checkpoints.restore()
+        self._start_weights(init_source, resumed)
         self.metrics = MetricsLogger(cfg.logging, run_dir, rank, to_dict(cfg),
-                                     resume_step=self.state.step if resumed else None)
+                                     resume_step=self.state.step if resumed is not None else None)
         self.throughput = Throughput(_forward_flops(cfg.model), world_size, device,
                                      cfg.logging.peak_tflops)
         self.throughput.load_state_dict({"skipped_steps": self.state.skipped_steps})
@@ -164,6 +169,16 @@ class Trainer:
             self.validator = Validator(cfg, run_dir, device=device, rank=rank,
                                        metrics_logger=self.metrics,
                                        latent_scaling=(info.scaling_factor, info.shift_factor))
+
+    def _start_weights(self, source, resumed: Path | None) -> None:
+        """A new run starts from model.init_from (if set); the record of what it read goes
+        into config.yaml, and into every checkpoint's copy of it."""
+        self.cfg.model.init_record = start_weights(
+            source, self.cfg.model, run_dir=self.run_dir, engine=self.engine, ema=self.ema,
+            state=self.state, resumed=resumed, rank=self.rank)
+        self.checkpoints.config_yaml = dump_yaml(self.cfg)
+        if self.rank == 0:
+            save_config(self.cfg, self.run_dir)
 
     def _per_rank_state(self) -> dict[str, PerRank]:
         states = {"data": loader_state(self.loader), "rng": RNG}
