@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.cli.common import resolve_config
-from scaletrain.config import load_config
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, dist_env_from_environ
 from scaletrain.core.files import atomic_write
 from scaletrain.core.log import setup_logging
@@ -39,7 +39,6 @@ from scaletrain.eval.config import FID_DIMS
 from scaletrain.eval.offline import RESULT_NAME, evaluate_weights, fid_between, json_ready
 from scaletrain.export.layout import ExportError
 from scaletrain.launch.local import launch_local
-from scaletrain.train.engine import init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,7 @@ def main(args: argparse.Namespace) -> int:
 
     env = dist_env_from_environ()
     setup_logging(args.log_level, rank=env.rank)
-    train = (load_config(None) if fid else cfg).train
-    device = init_distributed(train, env) if env.world_size > 1 else _device(args.device)
+    device = _join(env) if env.world_size > 1 else _device(args.device)
     try:
         if fid:
             return _fid(args, device, env.rank)
@@ -137,6 +135,20 @@ def _rank_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     argv += [flag for flag, on in (("--overwrite", args.overwrite), ("--json", args.json)) if on]
     return argv
+
+
+def _join(env) -> torch.device:
+    """Join the ranks' process group (env:// rendezvous; NCCL on GPUs, gloo on CPUs). No
+    DeepSpeed here: evaluation runs plain modules, and importing it costs seconds."""
+    os.environ.update(env.as_torch_env())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
+                            world_size=env.world_size)
+    return device
 
 
 def _device(name: str) -> torch.device:

@@ -54,7 +54,7 @@ def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
             module.momentum = None  # cumulative average: one batch sets the statistics
     model.train()
     with torch.no_grad():
-        model(torch.rand(6, 3, 299, 299) * 2 - 1)  # the [-1, 1] range InceptionV3 feeds it
+        model(torch.rand(4, 3, 299, 299) * 2 - 1)  # the [-1, 1] range InceptionV3 feeds it
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.eval().state_dict(), path)
