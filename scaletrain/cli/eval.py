@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
         result = evaluate_weights(
             args.positional[0], cfg.eval, step=args.step, out_dir=args.out, device=device,
             dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, data_path=cfg.data.path)
     except (ExportError, ValueError, OSError) as exc:
         if env.rank == 0:
             print(f"scaletrain eval: error: {exc}", file=sys.stderr)
@@ -168,6 +168,7 @@ def _fid(args: argparse.Namespace, device: torch.device, rank: int) -> int:
         path = Path(args.out) / RESULT_NAME
         if path.exists() and not args.overwrite:
             raise FileExistsError(f"{path}: exists; pass --overwrite or another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, text)
     print(text if args.json else f"{result['fid']:.6f}", end="" if args.json else "\n")
     return EXIT_OK

@@ -207,6 +207,7 @@ def save_stats(path: str | Path, stats: FeatureStats) -> FeatureStats:
     image count and the metadata as JSON, atomically."""
     path = Path(path)
     meta = {"format": STATS_FORMAT, **stats.meta, "count": stats.count, "dims": stats.dims}
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count),
                  meta=np.array(json.dumps(meta)))

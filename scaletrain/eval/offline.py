@@ -123,11 +123,18 @@ def load_source(path: str | Path, step: int | None, device: torch.device,
 
 def evaluate_weights(path: str | Path, cfg: EvalConfig, *, step: int | None = None,
                      out_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32, overwrite: bool = False) -> dict:
+                     dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                     data_path: str = "") -> dict:
     """Evaluate the weights under ``path``; rank 0 writes ``OUT/eval.json``. Returns the
-    result (on every rank)."""
+    result (on every rank). ``data_path`` (the CONFIG's data.path, for eval.holdout_shards)
+    replaces the run's; an export records none."""
     device = torch.device(device)
+    if out_dir and (Path(out_dir) / RESULT_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{Path(out_dir) / RESULT_NAME}: exists; pass --overwrite or "
+                              "another --out")
     source = load_source(path, step, device, dtype, raw_loss="loss" in cfg.metrics)
+    if data_path:
+        source.setting.data_path = data_path
     out = Path(out_dir) if out_dir else source.default_out
     result_path = out / RESULT_NAME
     if result_path.exists() and not overwrite:
@@ -152,6 +159,7 @@ def evaluate_weights(path: str | Path, cfg: EvalConfig, *, step: int | None = No
     result = {"metrics": metrics, "counts": counts, "weights": source.info,
               "settings": evaluator.settings()}
     if world()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write(result_path, json.dumps(result, indent=1) + "\n")
         log.info("wrote %s", result_path)
     result["path"] = str(result_path)
