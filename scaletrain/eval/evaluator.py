@@ -24,6 +24,7 @@ device, like Inception and CLIP.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,15 +168,47 @@ class Evaluator:
     @property
     def inception(self):
         if self._inception is None:
-            self._inception = build_inception(self.cfg.inception, self.cfg.fid_dims, self.device)
+            self._inception = build_inception(self.cfg.inception, self.cfg.fid_dims, "cpu")
         return self._inception
 
     @property
     def clip(self) -> ClipScorer:
         if self._clip is None:
             self._clip = ClipScorer(self.cfg.clip_model, self.cfg.clip_library,
-                                    self.cfg.clip_pretrained, self.device)
+                                    self.cfg.clip_pretrained, "cpu")
         return self._clip
+
+    def prepare(self) -> None:
+        """Load what the metrics need now (a training run calls this at start-up, so a
+        missing Inception or CLIP file, or a bad held-out set, stops it before step 1, not at
+        its first evaluation). Inception and CLIP wait on the CPU between evaluations."""
+        if "loss" in self.cfg.metrics or not self.cfg.prompts or (
+                "fid" in self.cfg.sample_metrics and not self.cfg.fid_reference):
+            heldout_source(self.cfg, self.setting.data_path)
+        if "fid" in self.cfg.sample_metrics:
+            _ = self.inception
+            if self.cfg.fid_reference and not self.stats_path.is_file():
+                image_units(self.cfg.fid_reference, self.cfg.batch_size)
+        if "clip" in self.cfg.sample_metrics:
+            _ = self.clip
+        if self.cfg.prompts and self.cfg.sample_metrics:
+            read_prompts(self.cfg.prompts)
+
+    @contextlib.contextmanager
+    def _networks_on_device(self):
+        """Inception and CLIP on the evaluation's device for the block, then back."""
+        nets = [n for n in (self._inception, self._clip) if n is not None]
+        for net in nets:
+            net.model.to(self.device)
+        if self._clip is not None:
+            self._clip.device = self.device
+        try:
+            yield
+        finally:
+            for net in nets:
+                net.model.to("cpu")
+            if self._clip is not None:
+                self._clip.device = torch.device("cpu")
 
     # ------------------------------------------------------------------ validation loss
 
@@ -240,6 +273,15 @@ class Evaluator:
         wanted = cfg.sample_metrics
         if not wanted:
             return {}
+        if "fid" in wanted:
+            _ = self.inception  # built before the move to the device
+        if "clip" in wanted:
+            _ = self.clip
+        with self._networks_on_device():
+            return self._sample_metrics(model_fn, wanted)
+
+    def _sample_metrics(self, model_fn, wanted: list[str]) -> dict[str, Any]:
+        cfg = self.cfg
         prompts, seeds = self.prompts_and_seeds()
         batches = global_batches(len(prompts), cfg.batch_size)
         share = share_of(batches, self.rank, self.world)

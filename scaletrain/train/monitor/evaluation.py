@@ -38,6 +38,7 @@ class TrainingEvaluation:
         self.model_fn, self.metrics, self.throughput = model_fn, metrics_logger, throughput
         self.seconds = 0.0
         self._clock: float | None = None
+        evaluator.prepare()
 
     def maybe_run(self, step: int, samples_seen: int) -> dict[str, Any] | None:
         if self._clock is None:
