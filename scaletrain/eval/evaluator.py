@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scaletrain.core.config_base import ConfigError
 from scaletrain.data.encoders import build_image_encoder
 from scaletrain.data.encoders.image import ImageEncoder
 from scaletrain.diffusion import build_objective, build_sampler
@@ -182,17 +183,25 @@ class Evaluator:
         """Load what the metrics need now (a training run calls this at start-up, so a
         missing Inception or CLIP file, or a bad held-out set, stops it before step 1, not at
         its first evaluation). Inception and CLIP wait on the CPU between evaluations."""
-        if "loss" in self.cfg.metrics or not self.cfg.prompts or (
-                "fid" in self.cfg.sample_metrics and not self.cfg.fid_reference):
-            heldout_source(self.cfg, self.setting.data_path)
-        if "fid" in self.cfg.sample_metrics:
-            _ = self.inception
-            if self.cfg.fid_reference and not self.stats_path.is_file():
-                image_units(self.cfg.fid_reference, self.cfg.batch_size)
-        if "clip" in self.cfg.sample_metrics:
-            _ = self.clip
-        if self.cfg.prompts and self.cfg.sample_metrics:
-            read_prompts(self.cfg.prompts)
+        cfg = self.cfg
+        if "loss" in cfg.metrics or not cfg.prompts or (
+                "fid" in cfg.sample_metrics and not cfg.fid_reference):
+            heldout_source(cfg, self.setting.data_path)  # ConfigErrors name their key
+        checks = []
+        if cfg.prompts and cfg.sample_metrics:
+            checks.append(("eval.prompts", lambda: read_prompts(cfg.prompts)))
+        if "fid" in cfg.sample_metrics:
+            checks.append(("eval.inception", lambda: self.inception))
+            if cfg.fid_reference and not self.stats_path.is_file():
+                checks.append(("eval.fid_reference",
+                               lambda: image_units(cfg.fid_reference, cfg.batch_size)))
+        if "clip" in cfg.sample_metrics:
+            checks.append(("eval.clip_model", lambda: self.clip))
+        for key, check in checks:
+            try:
+                check()
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
 
     @contextlib.contextmanager
     def _networks_on_device(self):

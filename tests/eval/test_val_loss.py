@@ -99,3 +99,16 @@ def test_discrete_objectives_evaluate_at_the_nearest_index(shards):
     result = evaluator.loss(make_model_fn(trained_like(cfg.model), "unet"))
     assert set(result) >= {"loss", "loss_t/0.062", "loss_t/0.938"}
     assert all(torch.isfinite(torch.tensor(v)) for v in result.values())
+
+
+def test_start_up_checks_name_the_key(shards, tmp_path):
+    """A training run loads Inception and CLIP and checks its inputs before step 1."""
+    cases = {
+        "eval.inception": [f"eval.inception={tmp_path / 'missing.pth'}", "eval.metrics=[fid]"],
+        "eval.clip_model": [f"eval.clip_model={tmp_path / 'no_clip'}", "eval.metrics=[clip]"],
+        "eval.prompts": [f"eval.prompts={tmp_path / 'none.txt'}", "eval.metrics=[clip]"],
+    }
+    for key, overrides in cases.items():
+        cfg = _cfg(shards, *overrides)
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            Evaluator(cfg.eval, EvalSetting.from_root(cfg)).prepare()
