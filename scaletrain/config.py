@@ -19,6 +19,7 @@ from scaletrain.core.config_base import (
 from scaletrain.data.loader.config import DataConfig
 from scaletrain.data.preprocess.config import PreprocessConfig
 from scaletrain.diffusion.config import DiffusionConfig
+from scaletrain.eval.config import EvalConfig
 from scaletrain.launch.config import SlurmConfig
 from scaletrain.models.config import ModelConfig, UNetConfig
 from scaletrain.train.config import CheckpointConfig, EMAConfig, TrainConfig
@@ -41,6 +42,7 @@ class RootConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:

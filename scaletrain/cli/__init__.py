@@ -37,6 +37,8 @@ SUBCOMMANDS = [
     Subcommand("model-info", "scaletrain.cli.model_info",
                "parameter count and FLOPs of a model config"),
     Subcommand("demo", "scaletrain.cli.demo", "the offline end-to-end demo"),
+    Subcommand("eval", "scaletrain.cli.eval",
+               "validation loss, FID and CLIP score of weights; FID of two image sets"),
 ]
 
 

@@ -3,6 +3,7 @@
 
     RUN_DIR/config.yaml                 the resolved config of the run
     RUN_DIR/metrics.jsonl               metrics, one JSON line per logged step
+    RUN_DIR/eval/                       evaluation's cache (FID reference statistics)
     RUN_DIR/checkpoints/step_{N:09d}/   one complete checkpoint (see scaletrain.train.checkpoint)
     RUN_DIR/checkpoints/latest          the name of the newest complete checkpoint
     RUN_DIR/slurm/                      SLURM job records and logs (scaletrain.launch.records)
@@ -35,6 +36,10 @@ def step_dir_name(step: int) -> str:
 def rank_file(kind: str, rank: int) -> str:
     """Where rank ``rank`` keeps its part of ``kind`` (ema, data, rng) inside a checkpoint."""
     return f"{kind}/rank_{rank:05d}.pt"
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "eval"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

@@ -14,6 +14,10 @@ flow t * 1000 (the SD3 / diffusers convention). ``logs["timesteps"]`` is always 
 ``logs`` (each a [B] tensor on the loss's device): ``timesteps``, ``model_timesteps``,
 ``loss_unweighted`` (the plain MSE), ``loss_weight``, and ``cfg_dropped_text`` /
 ``cfg_dropped_pooled`` / ``cfg_dropped_time_ids`` (bool).
+
+Evaluation draws nothing: ``points_at(t)`` places samples at given process times and
+``loss_at(model_fn, x0, cond, points, eps)`` is the same noising, model call and MSE with
+the caller's noise (the held-out validation loss of :mod:`scaletrain.eval`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,36 @@ class Objective:
             mode_scale=cfg.mode_scale,
         )
 
+    def points_at(self, t: torch.Tensor) -> TimePoints:
+        """The time points at process times ``t`` in [0, 1] (1 the noisiest; the convention of
+        ``logs["timesteps"]``), with no timestep density and no shift applied: fixed
+        evaluation timesteps mean the same noise level whatever the training density."""
+        raise NotImplementedError
+
+    def loss_at(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        points: TimePoints,
+        eps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plain MSE, loss weight), each [B] float32, of ``model_fn`` on ``x0`` noised with
+        the given ``eps`` at the given ``points``: the loss without any draw. Training draws
+        the points and the noise and calls this; evaluation passes fixed ones."""
+        x0 = x0.float()
+        x_t, target = self.noised(x0, eps.to(device=x0.device, dtype=x0.dtype), points)
+        model_t = points.model.to(device=x0.device, dtype=torch.float32)
+        pred = model_fn(x_t, model_t, cond)
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"model output {tuple(pred.shape)} does not match latents {tuple(target.shape)}"
+            )
+        dims = tuple(range(1, x0.ndim))
+        mse = (pred.float() - target).square().mean(dim=dims)
+        weight = self.weights(points).to(device=mse.device, dtype=mse.dtype)
+        return mse, weight
+
     # --------------------------------------------------------------- the call
     def __call__(
         self, model_fn: ModelFn, batch: Mapping[str, Any], generator: torch.Generator
@@ -137,23 +171,13 @@ class Objective:
 
         points = self.sample_time_points(batch_size, x0.shape, generator)
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        x_t, target = self.noised(x0, eps, points)
-
-        model_t = points.model.to(device=x0.device, dtype=torch.float32)
-        pred = model_fn(x_t, model_t, cond)
-        if pred.shape != target.shape:
-            raise ValueError(
-                f"model output {tuple(pred.shape)} does not match latents {tuple(target.shape)}"
-            )
-        dims = tuple(range(1, x0.ndim))
-        mse = (pred.float() - target).square().mean(dim=dims)
-        weight = self.weights(points).to(device=mse.device, dtype=mse.dtype)
+        mse, weight = self.loss_at(model_fn, x0, cond, points, eps)
         loss = weight * mse
         # Every log is a [B] tensor on the loss's device, so the trainer can bucket the loss
         # by timestep without a device transfer.
         logs = {
             "timesteps": points.unit.to(device=mse.device, dtype=torch.float32),
-            "model_timesteps": model_t,
+            "model_timesteps": points.model.to(device=mse.device, dtype=torch.float32),
             "loss_unweighted": mse.detach(),
             "loss_weight": weight.detach(),
             "cfg_dropped_text": dropped["text"].to(mse.device),
@@ -182,6 +206,12 @@ class DiscreteObjective(Objective):
         a, b = self.schedule.alpha_sigma(index)
         return TimePoints(a=a, b=b, unit=index / (T - 1), model=index)
 
+    def points_at(self, t: torch.Tensor) -> TimePoints:
+        T = self.schedule.num_train_timesteps
+        index = (torch.as_tensor(t, dtype=torch.float64).cpu() * (T - 1)).round()
+        a, b = self.schedule.alpha_sigma(index)
+        return TimePoints(a=a, b=b, unit=index / (T - 1), model=index)
+
 
 class FlowObjective(Objective):
     """Rectified flow (Esser et al. 2024, SD3): x_t = (1 - t) x0 + t eps, target eps - x0."""
@@ -192,4 +222,8 @@ class FlowObjective(Objective):
 
     def time_points(self, unit: torch.Tensor, latent_shape: torch.Size) -> TimePoints:
         t = shift_timesteps(unit, self.shift_for(latent_shape))
+        return TimePoints(a=1 - t, b=t, unit=t, model=t * FLOW_TIMESTEP_SCALE)
+
+    def points_at(self, t: torch.Tensor) -> TimePoints:
+        t = torch.as_tensor(t, dtype=torch.float64).cpu()
         return TimePoints(a=1 - t, b=t, unit=t, model=t * FLOW_TIMESTEP_SCALE)

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from scaletrain.core.config_base import dump_yaml, save_config, to_dict
 from scaletrain.core.dist_env import dist_env_from_environ
-from scaletrain.core.run_dir import checkpoints_dir
+from scaletrain.core.run_dir import checkpoints_dir, eval_dir
 from scaletrain.data.loader import build_train_loader
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.conditioning import ModelFn, cast_inputs, make_model_fn
+from scaletrain.eval import EvalSetting, Evaluator
 from scaletrain.models.info import model_info
 from scaletrain.train.checkpoint import RNG, CheckpointManager, PerRank, TrainState, loader_state
 from scaletrain.train.ema import ShardedEMA, master_weight_fragments
@@ -40,6 +41,7 @@ from scaletrain.train.monitor.diagnostics import (
     pop_model_diagnostics,
     set_model_diagnostics,
 )
+from scaletrain.train.monitor.evaluation import TrainingEvaluation
 from scaletrain.train.monitor.metrics_logger import MetricsLogger
 from scaletrain.train.monitor.throughput import Throughput
 from scaletrain.train.monitor.timestep_loss import LossByTimestep
@@ -138,7 +140,8 @@ class Trainer:
         if cfg.ema.enabled:
             self.ema = ShardedEMA(cfg.ema, master_weight_fragments(
                 self.engine.module.named_parameters(), rank, world_size))
-        self.loader = build_train_loader(cfg.data, rank, world_size, cfg.seed)
+        self.loader = build_train_loader(cfg.data, rank, world_size, cfg.seed,
+                                         holdout_shards=cfg.eval.holdout_shards)
         # The empty prompt's encoding is the "null" conditioning of CFG dropout.
         self.objective = build_objective(cfg.diffusion, null_cond=self.loader.empty_conditioning())
         self.state = TrainState()
@@ -169,6 +172,18 @@ class Trainer:
             self.validator = Validator(cfg, run_dir, device=device, rank=rank,
                                        metrics_logger=self.metrics,
                                        latent_scaling=(info.scaling_factor, info.shift_factor))
+        self.evaluation = self._evaluation() if cfg.eval.every > 0 else None
+
+    def _evaluation(self) -> TrainingEvaluation | None:
+        if self.cfg.data.synthetic.enabled:
+            log.warning("eval.every is ignored with data.synthetic (no held-out set, no encoders)")
+            return None
+        info = self.loader.info
+        setting = EvalSetting.from_root(self.cfg, (info.scaling_factor, info.shift_factor))
+        evaluator = Evaluator(self.cfg.eval, setting, device=self.device,
+                              stats_path=eval_dir(self.run_dir) / "fid_reference.npz")
+        return TrainingEvaluation(evaluator, self.engine, self.ema, self.model_fn, self.metrics,
+                                  self.throughput)
 
     def _start_weights(self, source, resumed: Path | None) -> None:
         """A new run starts from model.init_from (if set); the record of what it read goes
@@ -219,6 +234,8 @@ class Trainer:
                     self._log(lr, diagnostics_metrics(diagnostics))
                 if self.validator is not None and self.validator.should_run(state.step):
                     self._validate()
+                if self.evaluation is not None:
+                    self.evaluation.maybe_run(state.step, state.samples_seen)
                 stop = preempted and not last  # preempted at the very end: just finish
                 if state.step % self.cfg.checkpoint.every == 0 or last or stop:
                     self.checkpoints.save()

@@ -18,11 +18,12 @@ LAYERS = {
     "scaletrain.data": 1,
     "scaletrain.export": 2,  # every weights format; never the trainer
     "scaletrain.sample": 3,  # the one prompt -> image path (validation uses it)
-    "scaletrain.train": 4,
-    "scaletrain.launch": 5,  # local launcher and SLURM submission run the trainer
-    "scaletrain.config": 6,  # the root config composes every section
-    "scaletrain.config_docs": 7,
-    "scaletrain.cli": 8,  # the commands; nothing imports them
+    "scaletrain.eval": 4,  # validation loss, FID, CLIP score (training and `scaletrain eval`)
+    "scaletrain.train": 5,
+    "scaletrain.launch": 6,  # local launcher and SLURM submission run the trainer
+    "scaletrain.config": 7,  # the root config composes every section
+    "scaletrain.config_docs": 8,
+    "scaletrain.cli": 9,  # the commands; nothing imports them
 }
 # What the models must never import: the engine wraps them from outside.
 MODELS_NEVER = ("deepspeed", "wandb", "torch.distributed")

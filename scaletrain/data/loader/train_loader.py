@@ -8,6 +8,7 @@ exactly-once rule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -247,10 +248,13 @@ def build_train_loader(
     world_size: int,
     seed: int,
     state: dict[str, Any] | None = None,
+    holdout_shards: int = 0,
 ) -> TrainLoader | SyntheticLoader:
     """The loader of ``rank`` in a world of ``world_size``, continuing from ``state`` (a rank
     state of the same rank and layout, or a global state from merge_states) if given.
-    ``data.synthetic.enabled`` gives generated data instead of shards."""
+    ``data.synthetic.enabled`` gives generated data instead of shards. The last
+    ``holdout_shards`` shards (in shard order) are never read: evaluation holds them out
+    (``eval.holdout_shards``); they are left out of the index, so of the state's digest too."""
     if cfg.synthetic.enabled:
         loader = SyntheticLoader(cfg.synthetic, cfg.batch_size, rank, world_size,
                                  seed + cfg.seed_offset)
@@ -259,6 +263,12 @@ def build_train_loader(
             raise ConfigError(
                 "data.path: required: the directory of latent shards (with index.json)")
         index = load_dataset_index(cfg.path)
+        if holdout_shards > 0:
+            if holdout_shards >= index.num_shards:
+                raise ConfigError(
+                    f"eval.holdout_shards: {holdout_shards} of the {index.num_shards} shards "
+                    f"in {index.root} leaves none to train on")
+            index = dataclasses.replace(index, shards=index.shards[:-holdout_shards])
         loader = TrainLoader(cfg, index, dataset_info(index), rank, world_size, seed)
     if state is not None:
         loader.load_state_dict(state)

@@ -124,6 +124,15 @@ class Throughput:
         finally:
             self._window_data_wait += time.perf_counter() - t0
 
+    @contextmanager
+    def paused(self):
+        """Leave the block's time out of the window (evaluation is not training time)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - t0
+
     def add_data_wait(self, seconds: float) -> None:
         """Add data-wait time measured elsewhere."""
         self._window_data_wait += float(seconds)
