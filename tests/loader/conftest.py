@@ -133,3 +133,8 @@ def make_dataset(tmp_path):
 def dataset(make_dataset) -> LatentDataset:
     """8 shards x 12 samples, 3 aspect buckets."""
     return make_dataset()
+
+
+def floor_of(state) -> int:
+    """The lowest unfinished epoch over the sources of a merged loader state."""
+    return min(source["floor"] for source in state["sources"].values())

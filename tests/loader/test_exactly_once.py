@@ -12,6 +12,8 @@ import torch
 
 from scaletrain.data.loader import DataConfig, StateError, build_train_loader, merge_states
 
+from .conftest import floor_of
+
 
 def make_loaders(path, world, workers, state=None, seed=7, batch_size=4, **cfg):
     config = DataConfig(path=str(path), batch_size=batch_size, num_workers=workers, **cfg)
@@ -58,7 +60,7 @@ def test_every_sample_exactly_once_per_epoch(dataset, world, workers):
         assert set(counts) == dataset.keys, f"epoch {epoch} missed samples"
         assert max(counts.values()) == 1, f"epoch {epoch} repeated {counts.most_common(1)}"
     state = merge_states([loader.state_dict() for loader in loaders])
-    assert state["floor"] >= 2  # the merged progress agrees: epochs 0 and 1 are finished
+    assert floor_of(state) >= 2  # the merged progress agrees: epochs 0 and 1 are finished
     # The two epochs visit samples in different orders.
     order0 = [k for e, k in seen if e == 0]
     order1 = [k for e, k in seen if e == 1]
@@ -194,11 +196,13 @@ def test_rank_state_restores_only_into_its_own_rank_and_layout(dataset):
         merge_states(states[:1])
 
 
-def test_state_of_another_dataset_is_refused(dataset, make_dataset):
+def test_rewritten_shards_are_named_and_refused_with_missing_shards_error(dataset, make_dataset):
     loaders = make_loaders(dataset.root, 1, 0)
     _collect([iter(loaders[0])], 1)
-    state = loaders[0].state_dict()
-    other = make_dataset(num_shards=8, per_shard=13)
-    config = DataConfig(path=str(other.root), batch_size=4, num_workers=0)
-    with pytest.raises(StateError, match="another shard list"):
+    state = merge_states([loaders[0].state_dict()])
+    other = make_dataset(num_shards=8, per_shard=13)  # the same names, other counts
+    state["sources"][other.root.name] = state["sources"].pop(dataset.root.name)
+    config = DataConfig(path=str(other.root), batch_size=4, num_workers=0,
+                        missing_shards="error")
+    with pytest.raises(StateError, match=r"000000.tar \(rewritten: 12 -> 13 samples"):
         build_train_loader(config, 0, 1, 7, state)

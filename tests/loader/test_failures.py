@@ -10,6 +10,8 @@ import webdataset as wds
 from scaletrain.data.loader import DataConfig, build_train_loader, merge_states
 from scaletrain.data.shard_format import encode_sample
 
+from .conftest import floor_of
+
 
 def run_epochs(path, world, workers, epochs=1, max_steps=300):
     """Step every rank until the merged progress says ``epochs`` epochs are finished."""
@@ -22,7 +24,7 @@ def run_epochs(path, world, workers, epochs=1, max_steps=300):
             batch = next(it)
             seen.extend(zip(batch["epochs"], batch["keys"]))
         state = merge_states([loader.state_dict() for loader in loaders])
-        if state["floor"] >= epochs:
+        if floor_of(state) >= epochs:
             break
     else:
         raise AssertionError("the epoch never finished")

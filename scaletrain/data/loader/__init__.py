@@ -51,12 +51,13 @@ decoded likewise (``bad_samples``). Training does not stop.
 
 from scaletrain.data.loader.config import DataConfig
 from scaletrain.data.loader.info import DatasetInfo, read_dataset_info
-from scaletrain.data.loader.progress import StateError, merge_states
+from scaletrain.data.loader.progress import NeedsGlobalState, StateError, merge_states
 from scaletrain.data.loader.train_loader import TrainLoader, build_train_loader
 
 __all__ = [
     "DataConfig",
     "DatasetInfo",
+    "NeedsGlobalState",
     "StateError",
     "TrainLoader",
     "build_train_loader",
