@@ -226,17 +226,20 @@ def remove(url: str | Path, cfg: StorageConfig | None = None) -> None:
         pass
 
 
-def listing(url: str | Path, suffix: str, cfg: StorageConfig | None = None) -> dict[str, str]:
-    """{file name: version tag} of the files directly under ``url`` whose names end with
-    ``suffix``. The tag (mtime, or an object's ETag and time) changes when a file is
-    rewritten: a cheap change detector."""
-    out: dict[str, str] = {}
+def listing(url: str | Path, suffix: str, cfg: StorageConfig | None = None
+            ) -> dict[str, tuple[str, int]]:
+    """{file name: (version tag, size)} of the files directly under ``url`` whose names end
+    with ``suffix``, from one listing. The tag (mtime, or an object's ETag) changes when a
+    file is rewritten: a cheap change detector."""
+    out: dict[str, tuple[str, int]] = {}
     if is_local(url):
         for p in local_path(url).glob(f"*{suffix}"):
             try:
-                out[p.name] = str(p.stat().st_mtime_ns)
+                st = p.stat()
             except FileNotFoundError:  # removed while we looked
                 continue
+            if p.is_file():
+                out[p.name] = (str(st.st_mtime_ns), st.st_size)
         return out
     fs, path = filesystem(str(url), cfg)
     fs.invalidate_cache(path)
@@ -248,7 +251,7 @@ def listing(url: str | Path, suffix: str, cfg: StorageConfig | None = None) -> d
         name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
         if entry.get("type") == "file" and name.endswith(suffix):
             tag = entry.get("ETag") or entry.get("mtime") or entry.get("LastModified")
-            out[name] = f"{tag}:{entry.get('size')}"
+            out[name] = (str(tag), int(entry.get("size") or 0))
     return out
 
 
