@@ -298,13 +298,14 @@ def reconcile_source(saved: SavedSource, current: ShardList, join_now: bool) -> 
     in_use = {name: count for start, shards in saved.lists for name, count in shards}
     changed = sorted((n, c, now[n]) for n, c in in_use.items() if n in now and now[n] != c)
     started = sorted(saved.epochs)
-    join = saved.floor if join_now or not started else started[-1] + 1
+    last_started = started[-1] if started else saved.floor - 1
+    join = saved.floor if join_now else last_started + 1
     vanished = []
     for name, count in sorted(in_use.items()):
         if name in now:
             continue
         unseen = 0
-        for epoch in range(saved.floor, join):
+        for epoch in range(saved.floor, last_started + 1):
             shards = list_for(saved.lists, epoch)
             ids = {n: i for i, (n, _) in enumerate(shards)}
             if name not in ids:
@@ -325,8 +326,7 @@ def reconcile_source(saved: SavedSource, current: ShardList, join_now: bool) -> 
         record = saved.epochs.get(epoch)
         if record is not None:
             epochs[epoch] = _remap(record, old, kept)
-    last_started = list_for(lists, join - 1) if lists else ()
-    if not lists or last_started != current:
+    if not lists or lists[-1][1] != current:
         lists.append((join, tuple(current)))
     if join_now:  # every unfinished epoch reads the current list: remap its records there
         epochs = {e: _remap(r, list_for(saved.lists, e), current)
