@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
 from scaletrain.data import storage
 from scaletrain.data.storage import RemoteStream, StorageConfig
@@ -99,7 +100,7 @@ class _HashingReader:
 def uses_fsspec(url: str) -> bool:
     """Object-store URLs (s3://, and any fsspec scheme webdataset has no opener for)."""
     name = storage.scheme(url)
-    return name is not None and name not in wds.gopen.gopen_schemes
+    return name is not None and name not in gopen_schemes
 
 
 def open_url(url: str, cfg: StorageConfig | None = None):
