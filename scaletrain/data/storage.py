@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import re
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,8 @@ class StorageConfig:
     # Extra fsspec storage options for the URL's filesystem (e.g. {anon: true}).
     options: dict[str, Any] = field(default_factory=dict)
     # Bytes per ranged read of a shard, in MiB.
-    block_mb: float = 8.0
-    # Blocks fetched ahead of the reader by a background thread.
+    block_mb: float = 16.0
+    # Ranged reads in flight ahead of the reader (each block_mb).
     read_ahead: int = 2
     # Retries of one failed read (connection dropped, time-out, 5xx) before the shard is
     # given up for this epoch and recorded as failed.
@@ -280,7 +281,8 @@ class ReadStats:
 
 class RemoteStream:
     """A read-only, forward-only file over an object: ranged reads of ``block_mb``, up to
-    ``read_ahead`` blocks fetched ahead by a thread, each read retried from its offset.
+    ``read_ahead`` of them in flight at once ahead of the reader, each retried from its
+    offset.
 
     Memory is bounded by (read_ahead + 1) blocks whatever the object's size. A read that
     still fails after ``max_retries`` raises ``OSError`` from :meth:`read` at that point:
@@ -292,15 +294,17 @@ class RemoteStream:
         self.cfg = cfg
         self.stats = stats or ReadStats()
         self.fs, self.path = filesystem(url, cfg, reader=True)
-        self.size = total if total is not None else self._retry(self._size)
-        self._queue: queue.Queue = queue.Queue(maxsize=cfg.read_ahead)
         self._stop = threading.Event()
+        self.size = total if total is not None else self._retry(self._size)
+        # Several ranged reads in flight hide the round trip of each (the requests run
+        # concurrently on fsspec's event loop; these threads only wait for them).
+        self._pool = ThreadPoolExecutor(max_workers=cfg.read_ahead,
+                                        thread_name_prefix="shard-read-ahead")
+        self._pending: deque[Future] = deque()
+        self._next_start = 0
         self._current = memoryview(b"")
         self._pos = 0
-        self._done = False
-        self._thread = threading.Thread(target=self._fetch_all, name="shard-read-ahead",
-                                        daemon=True)
-        self._thread.start()
+        self._fill()
 
     def _size(self) -> int:
         return int(self.fs.info(self.path)["size"])
@@ -327,40 +331,27 @@ class RemoteStream:
         data = self.fs.cat_file(self.path, start=start, end=end)
         if len(data) != end - start:
             raise OSError(f"short read: {len(data)} of {end - start} bytes at {start}")
+        self.stats.bytes += len(data)
         return data
 
-    def _fetch_all(self) -> None:
+    def _fill(self) -> None:
         block = self.cfg.block_bytes
-        try:
-            for start in range(0, self.size, block):
-                if self._stop.is_set():
-                    return
-                data = self._retry(self._read_range, start, min(start + block, self.size))
-                self.stats.bytes += len(data)
-                self._put(data)
-            self._put(None)
-        except BaseException as exc:  # handed to the reader, raised at its position
-            self._put(exc)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        while len(self._pending) < self.cfg.read_ahead and self._next_start < self.size:
+            start, end = self._next_start, min(self._next_start + block, self.size)
+            self._pending.append(self._pool.submit(self._retry, self._read_range, start, end))
+            self._next_start = end
 
     def _next_block(self) -> bool:
-        if self._done:
+        if not self._pending:
             return False
-        item = self._queue.get()
-        if item is None:
-            self._done = True
-            return False
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item if isinstance(item, OSError) else OSError(str(item))
-        self._current, self._pos = memoryview(item), 0
+        future = self._pending.popleft()
+        try:
+            data = future.result()
+        except BaseException as exc:
+            self.close()
+            raise exc if isinstance(exc, OSError) else OSError(str(exc)) from exc
+        self._fill()
+        self._current, self._pos = memoryview(data), 0
         return True
 
     def readinto(self, buffer) -> int:
@@ -393,7 +384,10 @@ class RemoteStream:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> RemoteStream:
         return self
