@@ -23,7 +23,7 @@ be shared; the best round is the least disturbed one):
   batches of 8: tar parsing, safetensors views, the seeded latent draw and normalisation,
   text padding, float32 batches, progress bookkeeping. Also without the latent draw.
 * ``loader, S3``: the same loader over the same shards uploaded to a local S3 server (moto in
-  server mode on 127.0.0.1, the test suite's fixture, in its own process on the same cores):
+  server mode on 127.0.0.1, in its own process on the same cores):
   ranged reads of ``data.storage.block_mb`` fetched ahead by a thread, the tar parsed as it
   streams. Its paired ratio to ``loader`` (local disk) is the figure issue 18 asks for.
 * ``loader, 2-source mixture``: the same samples split into two sources of weight 1 each
@@ -42,7 +42,9 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,11 +57,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
+from scaletrain.core.dist_env import free_port  # noqa: E402
 from scaletrain.core.files import atomic_write_json  # noqa: E402
 from scaletrain.data.loader import DataConfig, build_train_loader  # noqa: E402
 from scaletrain.data.loader.config import SourceConfig  # noqa: E402
 from scaletrain.data.shard_format import encode_sample  # noqa: E402
-from tests.support.s3_server import S3Server  # noqa: E402
 
 BATCH = 8
 
@@ -224,18 +226,36 @@ def fmt(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
 
 
-def upload(server: S3Server, root: Path) -> str:
+def start_s3_server() -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1 (benchmarks may not import the tests' fixture), and the
+    AWS environment pointing at it, as a user's points at MinIO."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the S3 server did not start")
+
+
+def upload(root: Path) -> str:
     import fsspec
 
-    bucket = server.new_bucket()
     fs = fsspec.filesystem("s3")
+    bucket = f"bench-{root.name.replace('_', '-')}"
+    fs.mkdir(bucket)
     for path in sorted(root.iterdir()):
-        fs.put_file(str(path), f"{bucket}/{root.name}/{path.name}")
-    return f"s3://{bucket}/{root.name}"
+        fs.put_file(str(path), f"{bucket}/{path.name}")
+    return f"s3://{bucket}"
 
 
-def bench_resolution(args, resolution: int, workdir: Path, server: S3Server
-                     ) -> tuple[list[str], dict]:
+def bench_resolution(args, resolution: int, workdir: Path) -> tuple[list[str], dict]:
     root = workdir / f"latents_{resolution}"
     paths = write_shards(root, args.samples, args.shards, resolution)
     mb_per_sample = sum(p.stat().st_size for p in paths) / args.samples / 1e6
@@ -245,7 +265,7 @@ def bench_resolution(args, resolution: int, workdir: Path, server: S3Server
     read_page_cache(paths + halves[0] + halves[1])  # warm the cache for the loader rows
     n = args.samples
     draw, no_draw = loader_reader(root, True), loader_reader(root, False)
-    s3 = loader_reader(upload(server, root))
+    s3 = loader_reader(upload(root))
     mixture = loader_reader([workdir / f"mix{i}_{resolution}" for i in (0, 1)])
     tasks = {
         "page cache": (lambda: read_page_cache(paths), n),
@@ -310,17 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_loader_", dir=os.environ.get("BENCH_DIR")))
-    server = S3Server().start()
-    os.environ.update(server.env())  # the loader finds the server as users find theirs
+    server = start_s3_server()
     try:
         rows, summaries = [], []
         for resolution in args.resolutions:
-            lines, summary = bench_resolution(args, resolution, workdir, server)
+            lines, summary = bench_resolution(args, resolution, workdir)
             rows += lines
             summaries.append(summary)
             print(json.dumps(summary, indent=1), flush=True)
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
     command = "PYTHONPATH=. python benchmarks/bench_loader.py " + " ".join(argv or sys.argv[1:])
