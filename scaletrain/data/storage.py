@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 from collections import deque
@@ -155,21 +154,6 @@ def filesystem(url: str, cfg: StorageConfig | None = None, reader: bool = False)
 
 
 # --------------------------------------------------------------------------- small files
-
-
-def exists(url: str | Path, cfg: StorageConfig | None = None) -> bool:
-    if is_local(url):
-        return local_path(url).exists()
-    fs, path = filesystem(str(url), cfg)
-    return fs.exists(path)
-
-
-def is_dir(url: str | Path, cfg: StorageConfig | None = None) -> bool:
-    if is_local(url):
-        return local_path(url).is_dir()
-    fs, path = filesystem(str(url), cfg)
-    # An object-store "directory" is a prefix; it exists once something is under it.
-    return fs.isdir(path)
 
 
 def size(url: str | Path, cfg: StorageConfig | None = None) -> int | None:
@@ -405,9 +389,3 @@ def iter_blocks(url: str, cfg: StorageConfig, stats: ReadStats | None = None
             if not chunk:
                 return
             yield chunk
-
-
-def env_summary() -> str:
-    """Which AWS settings the environment provides (names only, never values)."""
-    names = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
-    return ", ".join(n for n in names if os.environ.get(n)) or "none"

@@ -144,3 +144,26 @@ def dataset(make_dataset) -> LatentDataset:
 def floor_of(state) -> int:
     """The lowest unfinished epoch over the sources of a merged loader state."""
     return min(source["floor"] for source in state["sources"].values())
+
+
+def step_until_floor(loaders, floor: int, max_steps: int = 300):
+    """Step every rank in lockstep until the merged state's lowest source floor reaches
+    ``floor``; returns (Counter of (epoch, key) handed out, merged state). Closes them."""
+    from collections import Counter
+
+    from scaletrain.data.loader import merge_states
+
+    iterators = [iter(loader) for loader in loaders]
+    seen: Counter = Counter()
+    try:
+        for _ in range(max_steps):
+            for it in iterators:
+                batch = next(it)
+                seen.update(zip(batch["epochs"], batch["keys"]))
+            state = merge_states([loader.state_dict() for loader in loaders])
+            if floor_of(state) >= floor:
+                return seen, state
+        raise AssertionError(f"floor {floor} not reached in {max_steps} steps")
+    finally:
+        for loader in loaders:
+            loader.close()

@@ -11,7 +11,7 @@ from scaletrain.core.config_base import ConfigError, from_dict
 from scaletrain.data.loader import DataConfig, build_train_loader, read_dataset_info
 from scaletrain.data.loader.dataset_index import load_dataset_index
 
-from .conftest import floor_of
+from .conftest import floor_of, step_until_floor
 
 
 def test_read_dataset_info(make_dataset):
@@ -69,26 +69,12 @@ def test_config_validation():
 def test_more_slots_than_shards_still_sees_every_sample_once(make_dataset, caplog):
     """3 shards for 2 ranks x 2 workers: some slots read nothing in an epoch (said so), and
     every sample still comes exactly once per epoch."""
-    from collections import Counter
-
-    from scaletrain.data.loader import merge_states
-
     data = make_dataset(num_shards=3, per_shard=4, buckets=((64, 64),))
     config = DataConfig(path=str(data.root), batch_size=2, num_workers=2)
     with caplog.at_level("WARNING"):
         loaders = [build_train_loader(config, r, 2, 0) for r in range(2)]
     assert any("3 shards for 4 reading slots" in r.getMessage() for r in caplog.records)
-    iterators = [iter(loader) for loader in loaders]
-    seen = Counter()
-    for _ in range(40):
-        for it in iterators:
-            batch = next(it)
-            seen.update(zip(batch["epochs"], batch["keys"]))
-        state = merge_states([loader.state_dict() for loader in loaders])
-        if state["sources"][data.root.name]["floor"] >= 3:
-            break
-    for loader in loaders:
-        loader.close()
+    seen, _ = step_until_floor(loaders, 3, max_steps=40)
     for epoch in range(3):
         assert {k for e, k in seen if e == epoch} == data.keys
     assert max(seen.values()) == 1

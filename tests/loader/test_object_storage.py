@@ -19,7 +19,7 @@ from scaletrain.data.loader.shard_reader import iter_stored_samples, iter_stream
 from scaletrain.data.storage import RemoteStream, StorageConfig
 from tests.support.s3_server import DroppingProxy
 
-from .conftest import floor_of
+from .conftest import floor_of, step_until_floor
 
 
 def upload(s3_server, local_root) -> str:
@@ -87,17 +87,7 @@ def test_dropped_connections_lose_nothing_and_are_counted(s3_server, dataset, re
                                 retry_backoff_s=0.01, max_retries=8)
         config = DataConfig(path=remote, batch_size=4, num_workers=2, storage=storage)
         loaders = [build_train_loader(config, rank, 2, 0) for rank in range(2)]
-        iterators = [iter(loader) for loader in loaders]
-        seen = Counter()
-        for _ in range(60):
-            for it in iterators:
-                batch = next(it)
-                seen.update(zip(batch["epochs"], batch["keys"]))
-            state = merge_states([loader.state_dict() for loader in loaders])
-            if floor_of(state) >= 2:
-                break
-        for loader in loaders:
-            loader.close()
+        seen, state = step_until_floor(loaders, 2, max_steps=60)
     finally:
         proxy.close()
     assert floor_of(state) >= 2
