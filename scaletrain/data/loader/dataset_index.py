@@ -48,6 +48,7 @@ class ShardEntry:
     path: str  # a local path or a URL
     num_samples: int
     bucket_counts: dict[str, int] = field(default_factory=dict)
+    size_bytes: int | None = None  # from the index when it records it (saves a request)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class DatasetIndex:
             for name, count in shard.bucket_counts.items():
                 total[name] = total.get(name, 0) + count
         return dict(sorted(total.items()))
+
+    @property
+    def shard_bytes(self) -> dict[str, int]:
+        """Bytes of each shard the index records (preprocess writes them)."""
+        return {s.name: s.size_bytes for s in self.shards if s.size_bytes is not None}
 
     @property
     def shard_list(self) -> tuple[tuple[str, int], ...]:
@@ -184,6 +190,9 @@ def load_dataset_index(directory: str | Path, cfg: StorageConfig | None = None,
         raise ValueError(f"{index_path}: lists no shards; nothing to train on")
 
     parsed: dict[str, tuple[int, dict[str, int]]] = {}
+    sizes = {_tar_name(_first(raw, _NAME_KEYS)): raw["size_bytes"] for raw in items
+             if isinstance(raw, dict) and isinstance(raw.get("size_bytes"), int)
+             and isinstance(_first(raw, _NAME_KEYS), str)}
     first_manifest: tuple[str, dict[str, Any]] | None = None
     for i, raw in enumerate(items):
         name, count, buckets = _parse_entry(raw, f"{index_path}: shards[{i}]")
@@ -211,7 +220,7 @@ def load_dataset_index(directory: str | Path, cfg: StorageConfig | None = None,
     # A shard with no samples has no work in it (and could never be "done"): leave it out.
     names = [name for name in sorted(parsed) if parsed[name][0] > 0]
     shards = [
-        ShardEntry(shard_id, name, storage.join(root, name), *parsed[name])
+        ShardEntry(shard_id, name, storage.join(root, name), *parsed[name], sizes.get(name))
         for shard_id, name in enumerate(names)
     ]
     if not shards:

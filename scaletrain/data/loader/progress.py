@@ -137,6 +137,7 @@ class SourceView:
     floor: int
     done: dict[int, frozenset[int]]
     partial: dict[int, dict[int, int]]
+    shard_bytes: dict[str, int] = field(default_factory=dict)  # known sizes, by name
 
     def list_for(self, epoch: int) -> ShardList:
         return list_for(self.lists, epoch)
@@ -213,12 +214,13 @@ class SourceProgress:
             self.epochs.pop(self.floor, None)
             self.floor += 1
 
-    def view(self, root: str) -> SourceView:
+    def view(self, root: str, shard_bytes: dict[str, int] | None = None) -> SourceView:
         return SourceView(
             name=self.name, root=root, seed=self.seed, lists=tuple(self.lists),
             floor=self.floor,
             done={e: frozenset(r.done) for e, r in self.epochs.items()},
             partial={e: dict(r.partial) for e, r in self.epochs.items() if r.partial},
+            shard_bytes=dict(shard_bytes or {}),
         )
 
     def to_json(self) -> dict[str, Any]:

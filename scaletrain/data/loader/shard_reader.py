@@ -166,24 +166,27 @@ def iter_streamed_samples(stream) -> Iterator[RawSample]:
         yield RawSample(position, key, files)
 
 
-def iter_remote_samples(url: str, cfg: StorageConfig, stats: ReadStats | None = None
-                        ) -> Iterator[RawSample]:
-    """The samples of a shard in object storage, streamed (see the module docstring)."""
-    with RemoteStream(url, cfg, stats) as stream:
+def iter_remote_samples(url: str, cfg: StorageConfig, stats: ReadStats | None = None,
+                        size: int | None = None) -> Iterator[RawSample]:
+    """The samples of a shard in object storage, streamed (see the module docstring);
+    ``size`` (from the index) saves asking the store for it."""
+    with RemoteStream(url, cfg, stats, total=size) as stream:
         yield from iter_streamed_samples(stream)
 
 
 def iter_samples(path: str | Path, cfg: StorageConfig | None = None,
-                 stats: ReadStats | None = None) -> Iterator[RawSample]:
+                 stats: ReadStats | None = None, size: int | None = None
+                 ) -> Iterator[RawSample]:
     """The samples of a local or remote shard in stored order."""
     if storage.is_local(path):
         return iter_stored_samples(storage.local_path(path))
-    return iter_remote_samples(str(path), cfg or StorageConfig(), stats)
+    return iter_remote_samples(str(path), cfg or StorageConfig(), stats, size)
 
 
 def read_shard_shuffled(
     path: str | Path, expected: int, buffer_size: int, seed: int,
     cfg: StorageConfig | None = None, stats: ReadStats | None = None,
+    size: int | None = None,
 ) -> Iterator[RawSample | ShardFailure]:
     """The samples of one shard in a seeded shuffled order, then a ShardFailure if it stopped
     short of ``expected`` samples.
@@ -202,7 +205,7 @@ def read_shard_shuffled(
         while True:
             try:
                 if source is None:
-                    source = iter_samples(path, cfg, stats)
+                    source = iter_samples(path, cfg, stats, size)
                 sample = next(source)
             except StopIteration:
                 break

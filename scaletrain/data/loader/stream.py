@@ -150,7 +150,7 @@ def source_stream(spec: StreamSpec, index: int, worker: int, stats: ReadStats
             path = storage.join(view.root, name)
             items = read_shard_shuffled(
                 path, count, spec.shuffle_buffer, shuffle_seed(view.seed, epoch, shard_id),
-                spec.storage, stats,
+                spec.storage, stats, view.shard_bytes.get(name),
             )
             for item in items:
                 if isinstance(item, ShardFailure):

@@ -148,7 +148,8 @@ class TrainLoader:
         self.close()
         self._generation += 1
         spec = StreamSpec(
-            sources=tuple(s.progress.view(s.index.root) for s in self.sources),
+            sources=tuple(s.progress.view(s.index.root, s.index.shard_bytes)
+                          for s in self.sources),
             weights=tuple(s.cfg.weight for s in self.sources),
             seed=self.seed,
             world_size=self.world_size,
