@@ -206,3 +206,29 @@ def test_rewritten_shards_are_named_and_refused_with_missing_shards_error(datase
                         missing_shards="error")
     with pytest.raises(StateError, match=r"000000.tar \(rewritten: 12 -> 13 samples"):
         build_train_loader(config, 0, 1, 7, state)
+
+
+def test_a_state_of_the_first_format_still_restores(dataset):
+    """Checkpoints written before sources existed (format 1: shard ids, a digest of the list)
+    resume while the shard list is the one they were saved on."""
+    from scaletrain.data.loader.dataset_index import load_dataset_index
+    from scaletrain.data.loader.progress import list_digest
+
+    shards = load_dataset_index(dataset.root).shard_list
+    old = {"format": "scaletrain.loader.progress/1", "kind": "global", "seed": 7,
+           "num_shards": 8, "digest": list_digest(shards), "floor": 0,
+           "epochs": {"0": {"done": [0], "partial": {"1": [12, "3"]}}},  # positions 0 and 1
+           "layout": {"world_size": 1, "num_workers": 0, "next_worker": [0]},
+           "metrics": {"lost_samples": 2}}
+    loaders = make_loaders(dataset.root, 2, 1, state=old)  # another layout too
+    loader = loaders[0]
+    skipped = set(dataset.shard_keys["000000.tar"]) | set(dataset.shard_keys["000001.tar"][:2])
+    seen: list = []
+    run_until(loaders, seen, lambda: len(epoch_counts(seen, 1)) == len(dataset.keys))
+    close(loaders)
+    assert set(epoch_counts(seen, 0)) == dataset.keys - skipped
+    assert max(epoch_counts(seen, 0).values()) == 1
+    assert loader.metrics()["lost_samples"] == 2
+    other = {**old, "digest": "0" * 16}
+    with pytest.raises(StateError, match="first format.*another shard list"):
+        make_loaders(dataset.root, 1, 0, state=other)
