@@ -13,8 +13,9 @@ Credentials and the endpoint come from the S3 client's usual environment and fil
 the endpoint, region and profile. Secret keys are deliberately not config keys: a run saves
 its config in the run directory and in wandb.
 
-Reads of shards stream (:class:`RemoteStream`): fixed-size ranged reads fetched ahead by a
-thread, at most ``read_ahead`` blocks in memory per open shard; a failed read is retried from
+Reads of shards stream (:class:`RemoteStream`): fixed-size ranged reads, ``read_ahead`` of
+them in flight ahead of the reader, so about ``read_ahead + 1`` blocks in memory per open
+shard; a failed read is retried from
 the same offset with exponential back-off and counted (``read_retries``); after
 ``max_retries`` the error reaches the caller, which records the shard as it records a bad
 local shard. Writes are one object each: an object store publishes an object only when its
@@ -251,15 +252,23 @@ def glob_urls(pattern: str, cfg: StorageConfig | None = None) -> list[str]:
 
 
 class ReadStats:
-    """Counters of one process's remote reads (retries, bytes), reported with batches."""
+    """Counters of one process's remote reads (retries, bytes), reported with batches. The
+    read-ahead threads add to them, hence the lock."""
 
     def __init__(self) -> None:
         self.retries = 0
         self.bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, retries: int = 0, nbytes: int = 0) -> None:
+        with self._lock:
+            self.retries += retries
+            self.bytes += nbytes
 
     def take(self) -> dict[str, int]:
-        out = {"read_retries": self.retries, "read_bytes": self.bytes}
-        self.retries = self.bytes = 0
+        with self._lock:
+            out = {"read_retries": self.retries, "read_bytes": self.bytes}
+            self.retries = self.bytes = 0
         return out
 
 
@@ -304,7 +313,7 @@ class RemoteStream:
                 if attempt == self.cfg.max_retries or self._stop.is_set():
                     raise OSError(f"{self.url}: read failed after {attempt + 1} attempts: "
                                   f"{type(exc).__name__}: {exc}") from exc
-                self.stats.retries += 1
+                self.stats.add(retries=1)
                 log.debug("%s: retry %d after %s", self.url, attempt + 1, exc)
                 if self._stop.wait(min(delay, 30.0)):
                     raise
@@ -315,7 +324,7 @@ class RemoteStream:
         data = self.fs.cat_file(self.path, start=start, end=end)
         if len(data) != end - start:
             raise OSError(f"short read: {len(data)} of {end - start} bytes at {start}")
-        self.stats.bytes += len(data)
+        self.stats.add(nbytes=len(data))
         return data
 
     def _fill(self) -> None:
