@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import deque
@@ -35,7 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import botocore.session
 import fsspec
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
 
 from scaletrain.core.config_base import ConfigError, require
 from scaletrain.core.files import atomic_write
@@ -272,6 +276,88 @@ class ReadStats:
         return out
 
 
+class _S3Ranges:
+    """Ranged GETs of one s3:// object with botocore's synchronous client, each read straight
+    into its block (one copy). For shard reads this costs the reading process a third to a
+    half of the CPU of s3fs's asyncio + aiohttp path (measured: 0.18-0.24 s against
+    0.35-0.71 s of client CPU per 150 MB), and that CPU is taken from the tar parsing in the
+    same process. fsspec remains the path for listing, writing and every other scheme."""
+
+    _clients: dict[tuple, Any] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, url: str, cfg: StorageConfig) -> None:
+        self.bucket, _, self.key = url[len("s3://"):].partition("/")
+        self.client = self._client(cfg)
+
+    @classmethod
+    def _client(cls, cfg: StorageConfig):
+        # One client per process and settings (building one takes ~0.1 s); keyed by the
+        # pid too, since a forked DataLoader worker must not share its parent's connections.
+        key = (os.getpid(), cfg.endpoint_url, cfg.region, cfg.profile, cfg.read_ahead)
+        with cls._lock:
+            if key not in cls._clients:
+                session = botocore.session.Session(profile=cfg.profile or None)
+                config = BotoConfig(retries={"total_max_attempts": 1},  # ours count them
+                                    max_pool_connections=cfg.read_ahead + 1)
+                cls._clients[key] = session.create_client(
+                    "s3", region_name=cfg.region or None,
+                    endpoint_url=cfg.endpoint_url or None, config=config)
+            return cls._clients[key]
+
+    def _call(self, **kwargs):
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.key, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "NoSuchBucket", "404"):
+                raise FileNotFoundError(f"s3://{self.bucket}/{self.key}: {code}") from None
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise PermissionError(f"s3://{self.bucket}/{self.key}: {code}") from None
+            raise
+
+    def size(self) -> int:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(f"s3://{self.bucket}/{self.key}") from None
+            raise
+        return int(head["ContentLength"])
+
+    def read(self, start: int, end: int) -> bytearray:
+        body = self._call(Range=f"bytes={start}-{end - 1}")["Body"]
+        buf = bytearray(end - start)
+        view, got = memoryview(buf), 0
+        try:
+            while got < len(buf):
+                n = body._raw_stream.readinto(view[got:])  # urllib3: into our buffer
+                if not n:
+                    break
+                got += n
+        finally:
+            body.close()
+        if got != len(buf):
+            raise OSError(f"short read: {got} of {len(buf)} bytes at {start}")
+        return buf
+
+
+class _FsspecRanges:
+    """Ranged reads of an object through its fsspec filesystem (any scheme)."""
+
+    def __init__(self, url: str, cfg: StorageConfig) -> None:
+        self.fs, self.path = filesystem(url, cfg, reader=True)
+
+    def size(self) -> int:
+        return int(self.fs.info(self.path)["size"])
+
+    def read(self, start: int, end: int) -> bytes:
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        if len(data) != end - start:
+            raise OSError(f"short read: {len(data)} of {end - start} bytes at {start}")
+        return data
+
+
 class RemoteStream:
     """A read-only, forward-only file over an object: ranged reads of ``block_mb``, up to
     ``read_ahead`` of them in flight at once ahead of the reader, each retried from its
@@ -286,11 +372,12 @@ class RemoteStream:
         self.url = url
         self.cfg = cfg
         self.stats = stats or ReadStats()
-        self.fs, self.path = filesystem(url, cfg, reader=True)
+        # s3:// with no extra fsspec options: botocore directly (see _S3Ranges).
+        fast = scheme(url) == "s3" and not cfg.options
+        self._ranges = _S3Ranges(url, cfg) if fast else _FsspecRanges(url, cfg)
         self._stop = threading.Event()
-        self.size = total if total is not None else self._retry(self._size)
-        # Several ranged reads in flight hide the round trip of each (the requests run
-        # concurrently on fsspec's event loop; these threads only wait for them).
+        self.size = total if total is not None else self._retry(self._ranges.size)
+        # Several ranged reads in flight hide the round trip of each.
         self._pool = ThreadPoolExecutor(max_workers=cfg.read_ahead,
                                         thread_name_prefix="shard-read-ahead")
         self._pending: deque[Future] = deque()
@@ -298,9 +385,6 @@ class RemoteStream:
         self._current = memoryview(b"")
         self._pos = 0
         self._fill()
-
-    def _size(self) -> int:
-        return int(self.fs.info(self.path)["size"])
 
     def _retry(self, fn, *args):
         delay = self.cfg.retry_backoff_s
@@ -320,10 +404,8 @@ class RemoteStream:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _read_range(self, start: int, end: int) -> bytes:
-        data = self.fs.cat_file(self.path, start=start, end=end)
-        if len(data) != end - start:
-            raise OSError(f"short read: {len(data)} of {end - start} bytes at {start}")
+    def _read_range(self, start: int, end: int) -> bytes | bytearray:
+        data = self._ranges.read(start, end)
         self.stats.add(nbytes=len(data))
         return data
 
