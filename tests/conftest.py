@@ -21,3 +21,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (moto) on 127.0.0.1 for the whole session, reached through the usual
+    AWS environment variables, which this fixture sets and restores; stopped by PID."""
+    from tests.support.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "server.log").start()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env().items():
+            patch.setenv(name, value)
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from scaletrain.cli.common import add_config_arguments, resolve_config
 from scaletrain.core.log import setup_logging
+from scaletrain.data import storage
 from scaletrain.data.preprocess.local import run_local_workers, run_rank
-from scaletrain.data.preprocess.output import finalize_index
+from scaletrain.data.preprocess.output import describe_sizes, finalize_index
 from scaletrain.data.preprocess.pipeline import PreprocessSummary
 from scaletrain.data.preprocess.work import resolve_rank_world
 
@@ -29,10 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         action="append",
         metavar="PATTERN",
-        help="raw shards: a brace pattern like 'data/{00000..00099}.tar', a glob, a '::' "
-        "list or a 'pipe:' URL (repeatable)",
+        help="raw shards: a brace pattern like 'data/{00000..00099}.tar' (also as an "
+        "s3:// URL), a glob, a '::' list or a 'pipe:' URL (repeatable)",
     )
-    parser.add_argument("--output", metavar="DIR", help="latent shard directory (required)")
+    parser.add_argument("--output", metavar="DIR",
+                        help="latent shard directory or URL prefix, e.g. s3://bucket/latents "
+                        "(required); endpoint and credentials as for data.storage")
     parser.add_argument(
         "--workers", type=int, default=1, metavar="N", help="local processes, one rank each"
     )
@@ -48,13 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging("INFO")
-    if args.finalize_only and args.output:
-        index = finalize_index(args.output)
-        _print_index(args.output, index)
-        return 0 if index["complete"] else 1
     root = resolve_config(args)
     if root is None:  # --dry-run printed the config
         return 0
+    store = root.data.storage
+    if args.output:
+        storage.check_url(args.output, "--output")
+    if args.finalize_only and args.output:
+        index = finalize_index(args.output, store)
+        _print_index(args.output, index)
+        return 0 if index["complete"] else 1
     for flag, value in (("--output DIR", args.output), ("--input PATTERN", args.input)):
         if not value:
             print(f"scaletrain preprocess: {flag} is required", file=sys.stderr)
@@ -68,14 +73,16 @@ def main(args: argparse.Namespace) -> int:
         "rank %d of %d (from %s), %d local worker(s)", base_rank, base_world, source, args.workers
     )
     if args.workers == 1:
-        summary = run_rank(cfg, args.input, args.output, base_rank, base_world, args.verify)
+        summary = run_rank(cfg, args.input, args.output, base_rank, base_world, args.verify,
+                           storage_cfg=store)
     else:
         summary = PreprocessSummary.merge(
             run_local_workers(
-                cfg, args.input, args.output, args.workers, base_rank, base_world, args.verify
+                cfg, args.input, args.output, args.workers, base_rank, base_world, args.verify,
+                store,
             )
         )
-    index = finalize_index(args.output)
+    index = finalize_index(args.output, store)
     print(summary.describe())
     _print_index(args.output, index)
     return 1 if summary.shards_failed else 0
@@ -84,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
 def _print_index(output: str, index: dict) -> None:
     state = "complete" if index["complete"] else f"incomplete, {len(index['missing'])} missing"
     print(
-        f"index {os.path.join(output, 'index.json')}: {index['num_shards']} shards, "
+        f"index {storage.join(output, 'index.json')}: {index['num_shards']} shards, "
         f"{index['num_samples']} samples, {index['num_skipped']} skipped ({state})"
     )
+    for line in describe_sizes(index):
+        print(line)

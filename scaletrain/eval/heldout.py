@@ -4,7 +4,7 @@
 ``eval.holdout_shards=N`` takes the last N shards of ``data.path`` (the training loader
 leaves them out: :func:`scaletrain.data.loader.build_train_loader`'s ``holdout_shards``).
 
-The samples are read with the loader's own pieces (:func:`iter_stored_samples`,
+The samples are read with the loader's own pieces (:func:`iter_samples`,
 :func:`parse_sample`, :func:`collate`) in shard-name order and stored order, never shuffled,
 so the set and its order are the same at every evaluation and any world size. Latents are the
 stored posterior means (no draw): a fixed input. Each rank keeps the tensors of its own
@@ -29,7 +29,7 @@ from scaletrain.data.loader.batching import (
     parse_sample,
 )
 from scaletrain.data.loader.dataset_index import ShardEntry, load_dataset_index
-from scaletrain.data.loader.shard_reader import iter_stored_samples
+from scaletrain.data.loader.shard_reader import iter_samples
 from scaletrain.data.shard_format import META_EXT
 from scaletrain.eval.config import EvalConfig
 
@@ -47,7 +47,7 @@ class HeldOutSource:
     @property
     def description(self) -> str:
         names = [s.name for s in self.shards]
-        root = self.shards[0].path.parent if self.shards else "?"
+        root = str(self.shards[0].path).rsplit("/", 1)[0] if self.shards else "?"
         return f"{root} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
@@ -102,7 +102,7 @@ class HeldOutSet:
         schema = None
         for shard in source.shards:
             try:
-                for raw in iter_stored_samples(shard.path):
+                for raw in iter_samples(shard.path):
                     if limit and len(self.items) >= limit:
                         break
                     try:

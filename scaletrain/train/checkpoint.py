@@ -57,7 +57,7 @@ from scaletrain.core.run_dir import (
     read_state,
     step_dir_name,
 )
-from scaletrain.data.loader import merge_states
+from scaletrain.data.loader import NeedsGlobalState, merge_states
 from scaletrain.export.consolidate import DS_TAG, convert_to_universal
 from scaletrain.train.config import CheckpointConfig
 
@@ -175,7 +175,11 @@ class CheckpointManager:
         self._load_engine(ckpt, universal=not same_world)
         for kind, obj in self.per_rank.items():
             if same_world:
-                obj.load_own(_load(ckpt / rank_file(kind, self.rank)))
+                try:
+                    obj.load_own(_load(ckpt / rank_file(kind, self.rank)))
+                except NeedsGlobalState as exc:  # the loader's shards changed since the save
+                    log.info("%s; merging every rank's %s state", exc, kind)
+                    obj.load_all(rank_files(ckpt, kind))
             elif obj.load_all is not None:
                 obj.load_all(rank_files(ckpt, kind))
         self.train_state.step = saved["step"]

@@ -24,7 +24,12 @@ def test_preprocess_command_writes_an_index_and_reports(tmp_path, tiny_cache, ca
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 written" in printed and "6 written" in printed and "(complete)" in printed
-    assert sf.read_index(out)["num_samples"] == 6
+    index = sf.read_index(out)
+    assert index["num_samples"] == 6
+    # Storage sizing: bytes per sample of each member, from the manifests' byte counts.
+    text = index["member_bytes"]["text.safetensors"]
+    assert f"text.safetensors {text / 6 / 1000:.1f} KB" in printed
+    assert "100M samples:" in printed
     # A second run finds everything complete; --finalize-only rebuilds the index alone.
     assert main(argv) == 0
     assert "2 already complete" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def _cfg(shards, *overrides):
 def test_training_loader_never_reads_the_held_out_shards(shards):
     cfg = _cfg(shards)
     loader = build_train_loader(cfg.data, 0, 1, 0, holdout_shards=1)
-    assert loader.index.num_shards == 2 and loader.samples_per_epoch == 12
+    assert loader.sources[0].index.num_shards == 2 and loader.samples_per_epoch == 12
     batches = iter(loader)
     keys = [k for _ in range(2 * loader.steps_per_epoch) for k in next(batches)["keys"]]
     loader.close()

@@ -51,6 +51,8 @@ def write_latent_dataset(
     scaling: float = 0.5,
     shift: float = 0.25,
     seed: int = 0,
+    key_prefix: str = "s",
+    first_shard: int = 0,
 ) -> LatentDataset:
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -58,13 +60,13 @@ def write_latent_dataset(
     counts = per_shard if isinstance(per_shard, list) else [per_shard] * num_shards
     data = LatentDataset(root, scaling, shift)
     index_shards = []
-    for shard, count in enumerate(counts):
+    for shard, count in enumerate(counts, start=first_shard):
         name = f"{shard:06d}.tar"
         bucket_counts: dict[str, int] = {}
         keys = []
         with wds.TarWriter(str(root / name)) as sink:
             for i in range(count):
-                key = f"s{shard:03d}-{i:04d}"
+                key = f"{key_prefix}{shard:03d}-{i:04d}"
                 h, w = buckets[rng.randrange(len(buckets))]
                 mean = torch.randn(channels, h // 8, w // 8, generator=gen).to(dtype)
                 std = (
@@ -102,6 +104,10 @@ def write_latent_dataset(
         }
         atomic_write_json(root / (name[:-4] + MANIFEST_SUFFIX), manifest)
         index_shards.append({"name": name, "num_samples": count, "buckets": bucket_counts})
+    index_path = root / INDEX_NAME
+    if first_shard and index_path.exists():  # adding shards to an existing dataset
+        index_shards = json.loads(index_path.read_text())["shards"] + index_shards
+        counts = [s["num_samples"] for s in index_shards]
     index = {
         "format_version": 1,
         "num_samples": sum(counts),
@@ -133,3 +139,31 @@ def make_dataset(tmp_path):
 def dataset(make_dataset) -> LatentDataset:
     """8 shards x 12 samples, 3 aspect buckets."""
     return make_dataset()
+
+
+def floor_of(state) -> int:
+    """The lowest unfinished epoch over the sources of a merged loader state."""
+    return min(source["floor"] for source in state["sources"].values())
+
+
+def step_until_floor(loaders, floor: int, max_steps: int = 300):
+    """Step every rank in lockstep until the merged state's lowest source floor reaches
+    ``floor``; returns (Counter of (epoch, key) handed out, merged state). Closes them."""
+    from collections import Counter
+
+    from scaletrain.data.loader import merge_states
+
+    iterators = [iter(loader) for loader in loaders]
+    seen: Counter = Counter()
+    try:
+        for _ in range(max_steps):
+            for it in iterators:
+                batch = next(it)
+                seen.update(zip(batch["epochs"], batch["keys"]))
+            state = merge_states([loader.state_dict() for loader in loaders])
+            if floor_of(state) >= floor:
+                return seen, state
+        raise AssertionError(f"floor {floor} not reached in {max_steps} steps")
+    finally:
+        for loader in loaders:
+            loader.close()

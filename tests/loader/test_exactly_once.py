@@ -12,6 +12,8 @@ import torch
 
 from scaletrain.data.loader import DataConfig, StateError, build_train_loader, merge_states
 
+from .conftest import floor_of
+
 
 def make_loaders(path, world, workers, state=None, seed=7, batch_size=4, **cfg):
     config = DataConfig(path=str(path), batch_size=batch_size, num_workers=workers, **cfg)
@@ -58,7 +60,7 @@ def test_every_sample_exactly_once_per_epoch(dataset, world, workers):
         assert set(counts) == dataset.keys, f"epoch {epoch} missed samples"
         assert max(counts.values()) == 1, f"epoch {epoch} repeated {counts.most_common(1)}"
     state = merge_states([loader.state_dict() for loader in loaders])
-    assert state["floor"] >= 2  # the merged progress agrees: epochs 0 and 1 are finished
+    assert floor_of(state) >= 2  # the merged progress agrees: epochs 0 and 1 are finished
     # The two epochs visit samples in different orders.
     order0 = [k for e, k in seen if e == 0]
     order1 = [k for e, k in seen if e == 1]
@@ -194,11 +196,39 @@ def test_rank_state_restores_only_into_its_own_rank_and_layout(dataset):
         merge_states(states[:1])
 
 
-def test_state_of_another_dataset_is_refused(dataset, make_dataset):
+def test_rewritten_shards_are_named_and_refused_with_missing_shards_error(dataset, make_dataset):
     loaders = make_loaders(dataset.root, 1, 0)
     _collect([iter(loaders[0])], 1)
-    state = loaders[0].state_dict()
-    other = make_dataset(num_shards=8, per_shard=13)
-    config = DataConfig(path=str(other.root), batch_size=4, num_workers=0)
-    with pytest.raises(StateError, match="another shard list"):
+    state = merge_states([loaders[0].state_dict()])
+    other = make_dataset(num_shards=8, per_shard=13)  # the same names, other counts
+    state["sources"][other.root.name] = state["sources"].pop(dataset.root.name)
+    config = DataConfig(path=str(other.root), batch_size=4, num_workers=0,
+                        missing_shards="error")
+    with pytest.raises(StateError, match=r"000000.tar \(rewritten: 12 -> 13 samples"):
         build_train_loader(config, 0, 1, 7, state)
+
+
+def test_a_state_of_the_first_format_still_restores(dataset):
+    """Checkpoints written before sources existed (format 1: shard ids, a digest of the list)
+    resume while the shard list is the one they were saved on."""
+    from scaletrain.data.loader.dataset_index import load_dataset_index
+    from scaletrain.data.loader.progress import list_digest
+
+    shards = load_dataset_index(dataset.root).shard_list
+    old = {"format": "scaletrain.loader.progress/1", "kind": "global", "seed": 7,
+           "num_shards": 8, "digest": list_digest(shards), "floor": 0,
+           "epochs": {"0": {"done": [0], "partial": {"1": [12, "3"]}}},  # positions 0 and 1
+           "layout": {"world_size": 1, "num_workers": 0, "next_worker": [0]},
+           "metrics": {"lost_samples": 2}}
+    loaders = make_loaders(dataset.root, 2, 1, state=old)  # another layout too
+    loader = loaders[0]
+    skipped = set(dataset.shard_keys["000000.tar"]) | set(dataset.shard_keys["000001.tar"][:2])
+    seen: list = []
+    run_until(loaders, seen, lambda: len(epoch_counts(seen, 1)) == len(dataset.keys))
+    close(loaders)
+    assert set(epoch_counts(seen, 0)) == dataset.keys - skipped
+    assert max(epoch_counts(seen, 0).values()) == 1
+    assert loader.metrics()["lost_samples"] == 2
+    other = {**old, "digest": "0" * 16}
+    with pytest.raises(StateError, match="first format.*another shard list"):
+        make_loaders(dataset.root, 1, 0, state=other)

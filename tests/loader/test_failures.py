@@ -7,28 +7,18 @@ from collections import Counter
 
 import webdataset as wds
 
-from scaletrain.data.loader import DataConfig, build_train_loader, merge_states
+from scaletrain.data.loader import DataConfig, build_train_loader
 from scaletrain.data.shard_format import encode_sample
+
+from .conftest import step_until_floor
 
 
 def run_epochs(path, world, workers, epochs=1, max_steps=300):
     """Step every rank until the merged progress says ``epochs`` epochs are finished."""
     config = DataConfig(path=str(path), batch_size=4, num_workers=workers)
     loaders = [build_train_loader(config, r, world, 0) for r in range(world)]
-    iterators = [iter(loader) for loader in loaders]
-    seen = []
-    for _ in range(max_steps):
-        for it in iterators:
-            batch = next(it)
-            seen.extend(zip(batch["epochs"], batch["keys"]))
-        state = merge_states([loader.state_dict() for loader in loaders])
-        if state["floor"] >= epochs:
-            break
-    else:
-        raise AssertionError("the epoch never finished")
-    for loader in loaders:
-        loader.close()
-    return seen, state, loaders
+    seen, state = step_until_floor(loaders, epochs, max_steps)
+    return list(seen.elements()), state, loaders
 
 
 def test_truncated_shard_is_skipped_and_its_unread_samples_counted(dataset, caplog):

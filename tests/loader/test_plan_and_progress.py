@@ -7,7 +7,13 @@ from collections import Counter
 import pytest
 
 from scaletrain.data.loader.plan import shard_order, shards_for_rank, shards_for_slot
-from scaletrain.data.loader.progress import RankProgress, StateError, merge_states
+from scaletrain.data.loader.progress import (
+    STATE_FORMAT,
+    SavedSource,
+    SourceProgress,
+    StateError,
+    merge_states,
+)
 from scaletrain.data.loader.shard_reader import RawSample, ShardFailure, read_shard_shuffled
 
 
@@ -72,12 +78,25 @@ def test_reader_reports_a_shorter_tar_than_the_index(dataset):
 
 
 def _progress(rank, world=2, workers=1, sizes=(4,) * 6):
-    return RankProgress(0, sizes, "d", world, workers, rank)
+    shards = tuple((f"{i:06d}.tar", n) for i, n in enumerate(sizes))
+    return SourceProgress("s", 0, [(0, shards)], world, workers, rank)
+
+
+def _state(p):
+    """A rank's loader state holding one source, as TrainLoader.state_dict writes it."""
+    return {"format": STATE_FORMAT, "kind": "rank", "seed": 0, "world_size": p.world_size,
+            "num_workers": p.num_workers, "rank": p.rank, "sources": {"s": p.to_json()},
+            "batches": {"base": 0, "taken": 3}, "next_worker": 0}
+
+
+def _merged_source(progresses):
+    merged = merge_states([_state(p) for p in progresses])
+    return merged, SavedSource.from_json(merged["sources"]["s"], "test")
 
 
 def _finish_epoch(progress, epoch):
     for shard in progress.owned(epoch):
-        progress.mark(epoch, shard, range(progress.sizes[shard]))
+        progress.mark(epoch, shard, range(progress.list_for(epoch)[shard][1]))
 
 
 def test_rank_progress_floor_and_merge():
@@ -87,16 +106,16 @@ def test_rank_progress_floor_and_merge():
     assert ranks[0].floor == 2 and ranks[0].epochs == {}
     shard = sorted(ranks[1].owned(0))[0]
     ranks[1].mark(0, shard, [0, 2])
-    states = [p.to_state() for p in ranks]
-    merged = merge_states(states)
-    assert merged["floor"] == 0
-    epoch0 = merged["epochs"]["0"]
-    assert set(epoch0["done"]) == set(ranks[0].owned(0))  # rank 0's floor implies these
-    assert epoch0["partial"] == {str(shard): [4, "5"]}  # positions 0 and 2 = 0b101
-    assert set(merged["epochs"]["1"]["done"]) == set(ranks[0].owned(1))
+    merged, source = _merged_source(ranks)
+    assert source.floor == 0
+    assert merged["batches"] == {"base": 6, "taken": 0}  # 3 batches taken by each of 2 ranks
+    epoch0 = source.epochs[0]
+    assert epoch0.done == set(ranks[0].owned(0))  # rank 0's floor implies these
+    assert epoch0.partial == {shard: 0b101}  # positions 0 and 2
+    assert source.epochs[1].done == set(ranks[0].owned(1))
     # Finishing rank 1's epoch 0 lets the merged floor advance past epoch 0.
     _finish_epoch(ranks[1], 0)
-    assert merge_states([p.to_state() for p in ranks])["floor"] == 1
+    assert _merged_source(ranks)[1].floor == 1
 
 
 def test_global_state_is_split_by_the_new_layout():
@@ -104,10 +123,10 @@ def test_global_state_is_split_by_the_new_layout():
     for p in ranks:
         for shard in sorted(p.owned(0)):
             p.mark(0, shard, [1])
-    merged = merge_states([p.to_state() for p in ranks])
+    _, source = _merged_source(ranks)
     new = [_progress(r, world=3, workers=2) for r in range(3)]
     for p in new:
-        p.load(merged)
+        p.take(source, only_owned=True)
     recorded = Counter()
     for p in new:
         for shard, mask in p.epochs[0].partial.items():
@@ -123,12 +142,19 @@ def test_marking_a_shard_of_another_rank_is_a_bug():
         p.mark(0, foreign, [0])
 
 
-def test_too_few_shards_for_the_slots():
-    with pytest.raises(ValueError, match="cannot feed"):
-        RankProgress(0, (4, 4), "d", 2, 2, 0)
+def test_fewer_shards_than_slots_still_finish_epochs():
+    """2 shards over 4 slots: a rank that owns no shard of an epoch is done with it at once,
+    so floors advance and merged epochs complete."""
+    ranks = [_progress(r, world=2, workers=2, sizes=(4, 4)) for r in range(2)]
+    for epoch in range(3):
+        for p in ranks:
+            if epoch >= p.floor:
+                _finish_epoch(p, epoch)
+    assert all(p.floor >= 3 for p in ranks)
+    assert _merged_source(ranks)[1].floor >= 3
 
 
 def test_merge_rejects_mixed_layouts():
     a, b = _progress(0), _progress(1, world=2, workers=2)
     with pytest.raises(StateError, match="different"):
-        merge_states([a.to_state(), b.to_state()])
+        merge_states([_state(a), _state(b)])

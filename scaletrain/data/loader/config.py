@@ -6,8 +6,10 @@ See ``docs/data_loader.md`` for what each field changes and for the exactly-once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from scaletrain.core.config_base import require
+from scaletrain.core.config_base import ConfigError, require
+from scaletrain.data.storage import StorageConfig, check_url
 
 
 @dataclass
@@ -36,6 +38,26 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixture (``data.sources``)."""
+
+    # Directory or URL prefix (s3://bucket/prefix) of latent shards holding index.json.
+    path: str = ""
+    # Share of batches drawn from this source, relative to the other sources' weights.
+    weight: float = 1.0
+    # Name in metrics and in the loader's state; "" uses the last component of `path`. Keep
+    # it when the path moves: progress is matched by name on resume.
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "path", "required: a directory or URL of latent shards")
+        require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+        check_url(self.path, "path")
+        if not self.name:
+            self.name = self.path.rstrip("/").rsplit("/", 1)[-1] or self.path
+
+
+@dataclass
 class DataConfig:
     """The training loader over latent shards.
 
@@ -43,8 +65,18 @@ class DataConfig:
     ``batch_size * world_size * grad_accum`` (grad_accum belongs to the train section).
     """
 
-    # Directory of latent shards holding index.json (written by `scaletrain preprocess`).
+    # Directory or URL prefix (s3://bucket/prefix) of latent shards holding index.json, as
+    # written by `scaletrain preprocess`. One source; `sources` names several.
     path: str = ""
+    # A mixture: [{path, weight, name}, ...], batches drawn in proportion to the weights.
+    # Give `path` or `sources`, not both.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Shards found in a source on resume that its checkpoint did not know: read from the
+    # source's next epoch (next_epoch), or already in the epoch in progress (now).
+    join_new_shards: Literal["next_epoch", "now"] = "next_epoch"
+    # Shards the checkpoint read that are gone on resume: logged with their sample counts and
+    # training goes on (warn), or the run stops naming them (error).
+    missing_shards: Literal["warn", "error"] = "warn"
     # Per-rank micro-batch size; every batch holds exactly this many samples of one bucket.
     batch_size: int = 8
     # DataLoader worker processes per rank; 0 reads in the training process itself.
@@ -66,6 +98,9 @@ class DataConfig:
     pin_memory: bool = False
     # Seconds the loader waits for a worker's batch before raising (0: wait forever).
     timeout_s: float = 0.0
+    # How shards in object storage are reached (endpoint, region, profile, read-ahead,
+    # retries); also used by `scaletrain preprocess` for its input and output.
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # Generated tensors instead of shards at `path` (engine tests and benchmarks).
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
@@ -87,3 +122,20 @@ class DataConfig:
             f"must be >= 1, got {self.prefetch_factor}",
         )
         require(self.timeout_s >= 0, "timeout_s", f"must be >= 0, got {self.timeout_s}")
+        require(not (self.path and self.sources), "sources",
+                "give data.path (one source) or data.sources (a mixture), not both")
+        check_url(self.path, "path")
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            require(names.index(name) == i, f"sources[{i}].name",
+                    f"{name!r} is the name of sources[{names.index(name)}] too; names must "
+                    "differ (they key the progress and the metrics)")
+
+    def resolved_sources(self) -> list[tuple[str, SourceConfig]]:
+        """(dotted key, source) of every source: ``data.path`` as one source of weight 1."""
+        if self.sources:
+            return [(f"data.sources[{i}]", s) for i, s in enumerate(self.sources)]
+        if not self.path:
+            raise ConfigError("data.path: required: the directory or URL of latent shards (with "
+                              "index.json), or data.sources for a mixture")
+        return [("data", SourceConfig(path=self.path))]

@@ -1,13 +1,14 @@
-"""What the loader knows about a latent-shard directory before reading any sample.
+"""What the loader knows about a latent-shard directory (local, or a URL prefix such as
+``s3://bucket/latents``) before reading any sample.
 
 Reads ``index.json`` (and, where the index leaves something out, the per-shard manifests) of
 the layout in :mod:`scaletrain.data.shard_format`. The loader needs, per shard, its tar path and
 its sample count (so samples per epoch are known in advance and progress can be recorded as
 positions inside each shard), and the VAE's latent scaling and shift.
 
-Shards are identified by their position in the list sorted by file name ("shard id"); a digest
-of (name, count) pairs is stored in the loader's state so that a resume against a different
-dataset fails loudly instead of silently breaking the exactly-once guarantee.
+Shards are identified by their position in the list sorted by file name ("shard id"); the
+loader's state stores the (name, count) list it read, so that a resume can tell which shards
+were added, removed or rewritten since (:func:`~scaletrain.data.loader.progress.reconcile_source`).
 
 Accepted ``index.json`` shapes (the preprocessing writes the first; the others are tolerated):
 
@@ -22,13 +23,14 @@ in the index, then in the first shard's manifest, at any nesting depth (``latent
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaletrain.data.shard_format import MANIFEST_SUFFIX, read_index, read_json
+from scaletrain.data import storage
+from scaletrain.data.shard_format import INDEX_NAME, MANIFEST_SUFFIX
+from scaletrain.data.storage import StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +45,17 @@ class ShardEntry:
 
     shard_id: int
     name: str
-    path: Path
+    path: str  # a local path or a URL
     num_samples: int
     bucket_counts: dict[str, int] = field(default_factory=dict)
+    size_bytes: int | None = None  # from the index when it records it (saves a request)
 
 
 @dataclass(frozen=True)
 class DatasetIndex:
     """The shards (sorted by name), their counts and the latent normalisation."""
 
-    root: Path
+    root: str  # a local directory or a URL prefix
     shards: tuple[ShardEntry, ...]
     scaling_factor: float
     shift_factor: float
@@ -79,10 +82,14 @@ class DatasetIndex:
         return dict(sorted(total.items()))
 
     @property
-    def digest(self) -> str:
-        """Identity of the shard list: any change in names or counts changes it."""
-        text = "\n".join(f"{s.name}:{s.num_samples}" for s in self.shards)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    def shard_bytes(self) -> dict[str, int]:
+        """Bytes of each shard the index records (preprocess writes them)."""
+        return {s.name: s.size_bytes for s in self.shards if s.size_bytes is not None}
+
+    @property
+    def shard_list(self) -> tuple[tuple[str, int], ...]:
+        """(name, count) of every shard, sorted by name: what the loader's progress keys on."""
+        return tuple((s.name, s.num_samples) for s in self.shards)
 
 
 def _first(entry: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -97,8 +104,15 @@ def _tar_name(name: str) -> str:
     return name if name.endswith(".tar") else name + ".tar"
 
 
-def _manifest_path(root: Path, tar_name: str) -> Path:
-    return root / (tar_name[: -len(".tar")] + MANIFEST_SUFFIX)
+def _manifest_path(root: str, tar_name: str) -> str:
+    return storage.join(root, tar_name[: -len(".tar")] + MANIFEST_SUFFIX)
+
+
+def _read_json_or_none(url: str, cfg: StorageConfig | None) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(url, cfg)
+    except FileNotFoundError:
+        return None
 
 
 def _find_values(node: Any, key: str, found: list[Any]) -> None:
@@ -114,7 +128,7 @@ def _find_values(node: Any, key: str, found: list[Any]) -> None:
             _find_values(v, key, found)
 
 
-def _lookup_factor(sources: list[tuple[Path, dict[str, Any]]], key: str) -> float | None:
+def _lookup_factor(sources: list[tuple[str, dict[str, Any]]], key: str) -> float | None:
     """The single value of ``key`` in the first source that has it (None: absent everywhere)."""
     for path, data in sources:
         # The index lists shards whose entries may repeat the factor: that is fine as long as
@@ -131,7 +145,7 @@ def _lookup_factor(sources: list[tuple[Path, dict[str, Any]]], key: str) -> floa
     return None
 
 
-def _parse_entry(root: Path, raw: Any, where: str) -> tuple[str, int | None, dict[str, int]]:
+def _parse_entry(raw: Any, where: str) -> tuple[str, int | None, dict[str, int]]:
     if isinstance(raw, str):
         return _tar_name(raw), None, {}
     if not isinstance(raw, dict):
@@ -146,13 +160,22 @@ def _parse_entry(root: Path, raw: Any, where: str) -> tuple[str, int | None, dic
     return _tar_name(name), count, dict(buckets) if isinstance(buckets, dict) else {}
 
 
-def load_dataset_index(directory: str | Path) -> DatasetIndex:
-    """Read and check the index of a latent-shard directory (clear errors for bad input)."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data.path is not a directory of latent shards")
-    index = read_index(root)
-    index_path = root / "index.json"
+def load_dataset_index(directory: str | Path, cfg: StorageConfig | None = None,
+                       key: str = "data.path") -> DatasetIndex:
+    """Read and check the index of a latent-shard directory or URL prefix (clear errors for
+    bad input, naming ``key``)."""
+    root = str(directory)
+    storage.check_url(root, key)
+    if storage.is_local(root):
+        root = str(storage.local_path(root))
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root}: {key} is not a directory of latent shards")
+    index_path = storage.join(root, INDEX_NAME)
+    index = _read_json_or_none(index_path, cfg)
+    if index is None:
+        raise FileNotFoundError(
+            f"{index_path}: no dataset index; run `scaletrain preprocess` on this directory first"
+        )
     raw_shards = index.get("shards")
     if isinstance(raw_shards, dict):
         items = [
@@ -167,20 +190,24 @@ def load_dataset_index(directory: str | Path) -> DatasetIndex:
         raise ValueError(f"{index_path}: lists no shards; nothing to train on")
 
     parsed: dict[str, tuple[int, dict[str, int]]] = {}
-    first_manifest: tuple[Path, dict[str, Any]] | None = None
+    sizes = {_tar_name(_first(raw, _NAME_KEYS)): raw["size_bytes"] for raw in items
+             if isinstance(raw, dict) and isinstance(raw.get("size_bytes"), int)
+             and isinstance(_first(raw, _NAME_KEYS), str)}
+    first_manifest: tuple[str, dict[str, Any]] | None = None
     for i, raw in enumerate(items):
-        name, count, buckets = _parse_entry(root, raw, f"{index_path}: shards[{i}]")
+        name, count, buckets = _parse_entry(raw, f"{index_path}: shards[{i}]")
         if name in parsed:
             raise ValueError(f"{index_path}: shard {name!r} is listed twice")
         if count is None or not buckets:
             manifest_path = _manifest_path(root, name)
-            if not manifest_path.is_file():
+            manifest = _read_json_or_none(manifest_path, cfg)
+            if manifest is None:
                 if count is None:
                     raise ValueError(
-                        f"{index_path}: no sample count for {name!r} and no {manifest_path.name}"
+                        f"{index_path}: no sample count for {name!r} and no "
+                        f"{manifest_path.rsplit('/', 1)[-1]}"
                     )
             else:
-                manifest = read_json(manifest_path)
                 first_manifest = first_manifest or (manifest_path, manifest)
                 count = count if count is not None else _first(manifest, _COUNT_KEYS)
                 if not isinstance(count, int):
@@ -193,17 +220,18 @@ def load_dataset_index(directory: str | Path) -> DatasetIndex:
     # A shard with no samples has no work in it (and could never be "done"): leave it out.
     names = [name for name in sorted(parsed) if parsed[name][0] > 0]
     shards = [
-        ShardEntry(shard_id, name, root / name, *parsed[name])
+        ShardEntry(shard_id, name, storage.join(root, name), *parsed[name], sizes.get(name))
         for shard_id, name in enumerate(names)
     ]
     if not shards:
         raise ValueError(f"{index_path}: the dataset holds no samples")
 
-    sources: list[tuple[Path, dict[str, Any]]] = [(index_path, index)]
+    sources: list[tuple[str, dict[str, Any]]] = [(index_path, index)]
     if first_manifest is None:
         manifest_path = _manifest_path(root, shards[0].name)
-        if manifest_path.is_file():
-            first_manifest = (manifest_path, read_json(manifest_path))
+        manifest = _read_json_or_none(manifest_path, cfg)
+        if manifest is not None:
+            first_manifest = (manifest_path, manifest)
     if first_manifest is not None:
         sources.append(first_manifest)
     scaling = _lookup_factor(sources, "scaling_factor")

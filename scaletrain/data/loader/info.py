@@ -6,12 +6,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_tensors
 
+from scaletrain.data import storage
 from scaletrain.data.loader.batching import BadSample, SampleSchema, parse_sample
 from scaletrain.data.loader.dataset_index import DatasetIndex, load_dataset_index
-from scaletrain.data.loader.shard_reader import iter_stored_samples
+from scaletrain.data.loader.shard_reader import iter_samples
 from scaletrain.data.shard_format import EMPTY_PROMPT_NAME
+from scaletrain.data.storage import StorageConfig
+
+# Shards tried for a first readable sample before a dataset is declared unreadable (each
+# remote one may take its retries' back-off).
+FIRST_SAMPLE_SHARDS = 8
+
+
+class NoReadableSample(ValueError):
+    """None of the first shards of a dataset holds a readable sample."""
 
 
 @dataclass(frozen=True)
@@ -49,31 +59,40 @@ class DatasetInfo:
         return height // self.latent_downsample, width // self.latent_downsample
 
 
-def _first_sample(index: DatasetIndex):
+def _first_sample(index: DatasetIndex, cfg: StorageConfig | None):
     errors = []
-    for shard in index.shards:
+    for shard in index.shards[:FIRST_SAMPLE_SHARDS]:
+        samples = iter_samples(shard.path, cfg)
         try:
-            for raw in iter_stored_samples(shard.path):
+            for raw in samples:
                 try:
                     sample = parse_sample(raw.key, raw.files, 0, shard.shard_id, raw.position)
                 except BadSample as exc:
                     errors.append(str(exc))
                     continue
                 meta_bucket = sample.group[0]
+                sample.detach()  # the shard's buffer goes with the stream
                 return sample, meta_bucket
         except Exception as exc:  # unreadable shard: try the next one
             errors.append(f"{shard.path}: {exc}")
+        finally:
+            samples.close()
     detail = "; ".join(errors[:3])
-    raise ValueError(f"{index.root}: no readable sample in any shard ({detail})")
+    tried = min(len(index.shards), FIRST_SAMPLE_SHARDS)
+    raise NoReadableSample(f"{index.root}: no readable sample in its first {tried} shards "
+                           f"({detail})")
 
 
-def dataset_info(index: DatasetIndex) -> DatasetInfo:
-    sample, bucket = _first_sample(index)
+def dataset_info(index: DatasetIndex, cfg: StorageConfig | None = None) -> DatasetInfo:
+    sample, bucket = _first_sample(index, cfg)
     downsample = 8
     if bucket != "?":
         downsample = max(1, int(bucket.split("x")[0]) // sample.mean.shape[1])
-    empty_path = Path(index.root) / EMPTY_PROMPT_NAME
-    empty = load_file(str(empty_path)) if empty_path.is_file() else None
+    try:
+        empty = dict(load_tensors(storage.read_bytes(storage.join(index.root, EMPTY_PROMPT_NAME),
+                                                     cfg)))
+    except FileNotFoundError:
+        empty = None
     return DatasetInfo(
         path=str(index.root),
         num_samples=index.num_samples,
@@ -91,6 +110,7 @@ def dataset_info(index: DatasetIndex) -> DatasetInfo:
     )
 
 
-def read_dataset_info(path: str | Path) -> DatasetInfo:
-    """Dims, normalisation, bucket counts and the empty-prompt embedding of a latent dataset."""
-    return dataset_info(load_dataset_index(path))
+def read_dataset_info(path: str | Path, cfg: StorageConfig | None = None) -> DatasetInfo:
+    """Dims, normalisation, bucket counts and the empty-prompt embedding of a latent dataset
+    (a local directory or a URL prefix)."""
+    return dataset_info(load_dataset_index(path, cfg), cfg)

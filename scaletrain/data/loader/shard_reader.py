@@ -5,9 +5,14 @@ A sample's *position* is its index in the tar's stored order; it is how progress
 *before* already-consumed samples are filtered out by the caller: the random draws therefore
 do not depend on what was consumed, and a resumed run replays exactly the order it left.
 
-A read error (truncated or corrupt tar, missing file) ends the shard: the samples read so far
-are still delivered (in their shuffled order), followed by one :class:`ShardFailure` naming the
-positions never read, which the loader counts as lost. No exception escapes.
+A read error (truncated or corrupt tar, missing file, an object-store read that still fails
+after its retries) ends the shard: the samples read so far are still delivered (in their
+shuffled order), followed by one :class:`ShardFailure` naming the positions never read, which
+the loader counts as lost. No exception escapes.
+
+Local shards are memory-mapped (:func:`iter_stored_samples`); shards in object storage are
+streamed through :class:`~scaletrain.data.storage.RemoteStream` (ranged reads fetched ahead,
+retried) and parsed as they arrive (:func:`iter_streamed_samples`), one copy per member.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
+
+from scaletrain.data import storage
+from scaletrain.data.storage import ReadStats, RemoteStream, StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +93,100 @@ def iter_stored_samples(path: str | Path) -> Iterator[RawSample]:
                 yield RawSample(position, key, files)
 
 
+_BLOCK = 512
+
+
+def _read_exact(stream, buffer: bytearray | memoryview, what: str) -> None:
+    if stream.readinto(buffer) != len(buffer):
+        raise tarfile.ReadError(f"{what}: unexpected end of data")
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header ("LEN key=value\n" records)."""
+    found, pos = None, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            found = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return found
+
+
+def iter_streamed_samples(stream) -> Iterator[RawSample]:
+    """The samples of a tar read front to back from ``stream`` (``readinto``), grouped by key
+    as :func:`iter_stored_samples` does. Handles ustar, GNU long names and pax headers (what
+    tarfile and webdataset write). Raises on read errors."""
+    header = bytearray(_BLOCK)
+    skip = bytearray(64 << 10)
+    key: str | None = None
+    files: dict[str, memoryview] = {}
+    position = 0
+    long_name: str | None = None
+    while True:
+        got = stream.readinto(header)
+        if got == 0:
+            break  # end of the object without the end-of-archive blocks: tolerated
+        if got < _BLOCK:
+            raise tarfile.ReadError("unexpected end of data in a header")
+        if not any(header):
+            break  # end-of-archive marker
+        info = tarfile.TarInfo.frombuf(bytes(header), "utf-8", "surrogateescape")
+        padded = -(-info.size // _BLOCK) * _BLOCK
+        if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+            data = bytearray(padded)
+            _read_exact(stream, data, info.name)
+            if info.type == tarfile.XHDTYPE:
+                long_name = _pax_path(bytes(data[: info.size])) or long_name
+            else:
+                long_name = bytes(data[: info.size]).rstrip(b"\0").decode("utf-8",
+                                                                          "surrogateescape")
+            continue
+        name, long_name = long_name or info.name, None
+        if not info.isreg():
+            remaining = padded
+            while remaining:
+                n = min(remaining, len(skip))
+                _read_exact(stream, memoryview(skip)[:n], name)
+                remaining -= n
+            continue
+        data = bytearray(padded)
+        _read_exact(stream, data, name)
+        prefix, ext = base_plus_ext(name)
+        if prefix is None or prefix.rsplit("/", 1)[-1].startswith("__"):
+            continue  # not a sample file, or WebDataset metadata
+        if prefix != key:
+            if key is not None:
+                yield RawSample(position, key, files)
+                position += 1
+            key, files = prefix, {}
+        files[ext] = memoryview(data)[: info.size]
+    if key is not None:
+        yield RawSample(position, key, files)
+
+
+def iter_remote_samples(url: str, cfg: StorageConfig, stats: ReadStats | None = None,
+                        size: int | None = None) -> Iterator[RawSample]:
+    """The samples of a shard in object storage, streamed (see the module docstring);
+    ``size`` (from the index) saves asking the store for it."""
+    with RemoteStream(url, cfg, stats, total=size) as stream:
+        yield from iter_streamed_samples(stream)
+
+
+def iter_samples(path: str | Path, cfg: StorageConfig | None = None,
+                 stats: ReadStats | None = None, size: int | None = None
+                 ) -> Iterator[RawSample]:
+    """The samples of a local or remote shard in stored order."""
+    if storage.is_local(path):
+        return iter_stored_samples(storage.local_path(path))
+    return iter_remote_samples(str(path), cfg or StorageConfig(), stats, size)
+
+
 def read_shard_shuffled(
-    path: str | Path, expected: int, buffer_size: int, seed: int
+    path: str | Path, expected: int, buffer_size: int, seed: int,
+    cfg: StorageConfig | None = None, stats: ReadStats | None = None,
+    size: int | None = None,
 ) -> Iterator[RawSample | ShardFailure]:
     """The samples of one shard in a seeded shuffled order, then a ShardFailure if it stopped
     short of ``expected`` samples.
@@ -97,13 +197,15 @@ def read_shard_shuffled(
     """
     rng = random.Random(seed)
     buffer: list[RawSample] = []
-    source = iter_stored_samples(path)
     delivered = 0
     failure: str | None = None
     extra = 0
+    source = None
     try:
         while True:
             try:
+                if source is None:
+                    source = iter_samples(path, cfg, stats, size)
                 sample = next(source)
             except StopIteration:
                 break
@@ -123,7 +225,8 @@ def read_shard_shuffled(
                 buffer[j], sample = sample, buffer[j]
                 yield sample
     finally:
-        source.close()
+        if source is not None:
+            source.close()
     while buffer:
         j = int(rng.random() * len(buffer))
         buffer[j], buffer[-1] = buffer[-1], buffer[j]

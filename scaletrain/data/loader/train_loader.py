@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,15 +20,55 @@ from torch.utils.data import DataLoader
 
 from scaletrain.core.config_base import ConfigError
 from scaletrain.data.loader.batching import text_context
-from scaletrain.data.loader.config import DataConfig
+from scaletrain.data.loader.config import DataConfig, SourceConfig
 from scaletrain.data.loader.dataset_index import DatasetIndex, load_dataset_index
-from scaletrain.data.loader.info import DatasetInfo, dataset_info
-from scaletrain.data.loader.plan import num_slots
-from scaletrain.data.loader.progress import COUNTER_KEYS, RankProgress
-from scaletrain.data.loader.stream import EVENT, IDS, WORKER, LatentShardStream, StreamSpec
+from scaletrain.data.loader.info import DatasetInfo, NoReadableSample, dataset_info
+from scaletrain.data.loader.plan import MASK63, num_slots, stable_hash
+from scaletrain.data.loader.progress import (
+    COUNTER_KEYS,
+    SOURCE_COUNTER_KEYS,
+    STATE_FORMAT,
+    NeedsGlobalState,
+    SavedSource,
+    SourceProgress,
+    StateError,
+    check_state,
+    reconcile_source,
+    upgrade_state,
+)
+from scaletrain.data.loader.stream import (
+    EVENTS,
+    IDS,
+    IO,
+    NOTES,
+    WORKER,
+    LatentShardStream,
+    StreamSpec,
+)
 from scaletrain.data.loader.synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """One configured source, its index and its progress on this rank."""
+
+    key: str  # dotted config key, for messages
+    cfg: SourceConfig
+    index: DatasetIndex
+    progress: SourceProgress
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+def source_seed(seed: int, name: str, single: bool) -> int:
+    """The seed of a source's plan: the loader's own for a single source (the plan of a
+    one-source run is the one it always was), else a hash of it with the source's name.
+    Fixed when a source first appears: a resume reads it from the state."""
+    return seed if single else stable_hash(seed, "source", name) & MASK63
 
 
 class TrainLoader:
@@ -37,7 +78,7 @@ class TrainLoader:
     def __init__(
         self,
         cfg: DataConfig,
-        index: DatasetIndex,
+        indexes: list[tuple[str, SourceConfig, DatasetIndex]],
         info: DatasetInfo,
         rank: int,
         world_size: int,
@@ -46,38 +87,49 @@ class TrainLoader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.cfg = cfg
-        self.index = index
         self.info = info
         self.rank = rank
         self.world_size = world_size
         self.seed = seed + cfg.seed_offset
         self.workers = max(1, cfg.num_workers)  # logical workers (slots) per rank
+        single = len(indexes) == 1
+        self.sources = [
+            Source(key, scfg, index, SourceProgress(
+                scfg.name, source_seed(self.seed, scfg.name, single),
+                [(0, index.shard_list)], world_size, self.workers, rank))
+            for key, scfg, index in indexes
+        ]
         slots = num_slots(world_size, cfg.num_workers)
-        if index.num_shards < slots:
-            raise ConfigError(
-                f"data.num_workers: {index.num_shards} shards in {index.root} cannot feed "
-                f"{world_size} ranks x {self.workers} workers (each needs a shard per epoch); "
-                "use fewer workers or write smaller shards"
-            )
-        self._progress = RankProgress(
-            self.seed, index.shard_sizes, index.digest, world_size, self.workers, rank
-        )
+        for source in self.sources:
+            if source.index.num_shards < slots and rank == 0:
+                # Correct (every shard still belongs to one slot per epoch), but the source's
+                # epochs drift apart between slots: a slot reads it every few epochs.
+                logger.warning(
+                    "%s: %d shards for %d reading slots (%d ranks x %d workers): some slots "
+                    "read none of it in an epoch; write smaller shards or use fewer workers "
+                    "to keep its epochs in step", source.key, source.index.num_shards, slots,
+                    world_size, self.workers)
         self._next_worker = 0
+        self._base_batch = 0  # global index of this rank's batch 0 (since the restore)
+        self._taken = 0  # batches handed out since the restore
         self._base = dict.fromkeys(COUNTER_KEYS, 0)
         self._counters = dict.fromkeys(COUNTER_KEYS, 0)
+        self._source_base = {s.name: dict.fromkeys(SOURCE_COUNTER_KEYS, 0) for s in self.sources}
+        self._source_counters = {s.name: dict.fromkeys(SOURCE_COUNTER_KEYS, 0)
+                                 for s in self.sources}
+        self._source_epoch = {s.name: 0 for s in self.sources}
         self._samples = 0
-        self._batches = 0
-        self._epoch = 0
         self._active: Iterator | None = None
         self._generation = 0
-        self._warned_truncation = False
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ sizes
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples in one epoch of the whole dataset (from the index, known in advance)."""
-        return self.index.num_samples
+        """Samples in one epoch of every source together (from the indexes, known in
+        advance); in a mixture each source runs through its epochs at its own pace."""
+        return sum(s.index.num_samples for s in self.sources)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -86,8 +138,10 @@ class TrainLoader:
 
     @property
     def epoch(self) -> int:
-        """The highest epoch a sample handed out so far belongs to (the floor before any)."""
-        return max(self._epoch, self._progress.floor)
+        """The highest epoch a sample handed out so far belongs to (the floor before any), of
+        the first source."""
+        first = self.sources[0]
+        return max(self._source_epoch[first.name], first.progress.floor)
 
     # ------------------------------------------------------------------ iteration
 
@@ -95,8 +149,9 @@ class TrainLoader:
         self.close()
         self._generation += 1
         spec = StreamSpec(
-            shard_paths=tuple(str(s.path) for s in self.index.shards),
-            shard_sizes=self.index.shard_sizes,
+            sources=tuple(s.progress.view(s.index.root, s.index.shard_bytes)
+                          for s in self.sources),
+            weights=tuple(s.cfg.weight for s in self.sources),
             seed=self.seed,
             world_size=self.world_size,
             num_workers=self.workers,
@@ -105,10 +160,12 @@ class TrainLoader:
             shuffle_buffer=self.cfg.shuffle_buffer,
             max_text_tokens=self.cfg.max_text_tokens,
             sample_latents=self.cfg.sample_latents,
-            scaling_factor=self.index.scaling_factor,
-            shift_factor=self.index.shift_factor,
+            scaling_factor=self.info.scaling_factor,
+            shift_factor=self.info.shift_factor,
             schema=self.info.schema,
-            progress=self._progress.view(),
+            storage=self.cfg.storage,
+            base_batch=self._base_batch,
+            first_batch=self._taken,
             rotation=self._next_worker,
         )
         extra: dict[str, Any] = {}
@@ -135,46 +192,56 @@ class TrainLoader:
         for item in items:
             if generation != self._generation:
                 raise RuntimeError("this loader iterator was replaced (new iter() or restore)")
-            self._next_worker = (item[WORKER] + 1) % self.workers
-            if EVENT in item:
-                self._record_loss(item)
-                continue
             yield self._record_batch(item)
 
     def _record_batch(self, item: dict[str, Any]) -> dict[str, Any]:
         # Mark before yielding: once the trainer holds the batch it counts as seen.
-        by_shard: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for epoch, shard_id, position in item.pop(IDS):
-            by_shard[epoch, shard_id].append(position)
-        for (epoch, shard_id), positions in by_shard.items():
-            self._progress.mark(epoch, shard_id, positions)
-        del item[WORKER]
+        self._next_worker = (item.pop(WORKER) + 1) % self.workers
+        self._taken += 1
+        for event in item.pop(EVENTS):
+            self._record_loss(event)
+        self._counters["read_retries"] += item.pop(IO)["read_retries"]
+        for note in item.pop(NOTES):
+            self._warn_once(note)
+        by_shard: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        for source, epoch, shard_id, position in item.pop(IDS):
+            by_shard[source, epoch, shard_id].append(position)
+        for (source, epoch, shard_id), positions in by_shard.items():
+            src = self.sources[source]
+            src.progress.mark(epoch, shard_id, positions)
+            self._source_counters[src.name]["samples"] += len(positions)
+            self._source_epoch[src.name] = max(self._source_epoch[src.name], epoch)
         truncated = item.pop("__truncated__")
         if truncated:
             self._counters["truncated_texts"] += truncated
-            if not self._warned_truncation:
-                self._warned_truncation = True
-                logger.warning(
-                    "rank %d: text longer than data.max_text_tokens=%d was truncated (counted in "
-                    "metrics()['truncated_texts']; SD3-style data needs CLIP + T5 tokens)",
-                    self.rank,
-                    self.cfg.max_text_tokens,
-                )
+            self._warn_once(
+                f"rank {self.rank}: text longer than data.max_text_tokens="
+                f"{self.cfg.max_text_tokens} was truncated (counted in metrics()"
+                "['truncated_texts']; SD3-style data needs CLIP + T5 tokens)")
         self._samples += len(item["keys"])
-        self._batches += 1
-        self._epoch = max(self._epoch, *item["epochs"])
         return item
 
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning("%s", message)
+
     def _record_loss(self, event: dict[str, Any]) -> None:
-        new = self._progress.mark(event["epoch"], event["shard"], event["positions"])
+        src = self.sources[event["source"]]
+        new = src.progress.mark(event["epoch"], event["shard"], event["positions"])
+        counters = self._source_counters[src.name]
         self._counters["lost_samples"] += new
-        if event[EVENT] == "shard_failed":
+        counters["lost_samples"] += new
+        if event["kind"] == "shard_failed":
             self._counters["failed_shards"] += 1
+            counters["failed_shards"] += 1
         else:
             self._counters["bad_samples"] += new
+            counters["bad_samples"] += new
         logger.warning(
-            "rank %d: epoch %d: %s; skipped, %d samples lost",
+            "rank %d: %s epoch %d: %s; skipped, %d samples lost",
             self.rank,
+            src.key,
             event["epoch"],
             event["reason"],
             new,
@@ -197,40 +264,141 @@ class TrainLoader:
 
     def metrics(self) -> dict[str, int]:
         """Counters of this rank (rank 0 also carries the totals restored from a global state):
-        lost_samples, failed_shards, bad_samples, truncated_texts; and samples, batches, epoch
-        of this process."""
-        out = {k: self._base[k] + self._counters[k] for k in COUNTER_KEYS}
-        out.update(samples=self._samples, batches=self._batches, epoch=self.epoch)
+        lost_samples, failed_shards, bad_samples, truncated_texts, read_retries; samples,
+        batches, epoch of this process; and in a mixture ``source/<name>/<counter>`` with
+        samples (the run's total, like the loss counters), epoch, lost_samples,
+        failed_shards, bad_samples of each source."""
+        out: dict[str, int] = {k: self._base[k] + self._counters[k] for k in COUNTER_KEYS}
+        out.update(samples=self._samples, batches=self._taken, epoch=self.epoch)
+        if len(self.sources) > 1:
+            for s in self.sources:
+                for k, v in self._source_totals(s.name).items():
+                    out[f"source/{s.name}/{k}"] = v
+                out[f"source/{s.name}/epoch"] = max(self._source_epoch[s.name], s.progress.floor)
         return out
+
+    def _source_totals(self, name: str) -> dict[str, int]:
+        return {k: self._source_base[name][k] + self._source_counters[name][k]
+                for k in SOURCE_COUNTER_KEYS}
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position (JSON-ready). Restore it into the same rank and layout, or
         merge every rank's state with merge_states() to restore into any layout."""
-        state = self._progress.to_state()
-        state["next_worker"] = self._next_worker
-        state["metrics"] = {k: self._base[k] + self._counters[k] for k in COUNTER_KEYS}
-        return state
+        return {
+            "format": STATE_FORMAT,
+            "kind": "rank",
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.workers,
+            "rank": self.rank,
+            "sources": {s.name: {**s.progress.to_json(), "path": s.cfg.path}
+                        for s in self.sources},
+            "batches": {"base": self._base_batch, "taken": self._taken},
+            "next_worker": self._next_worker,
+            "metrics": {k: self._base[k] + self._counters[k] for k in COUNTER_KEYS},
+            "source_metrics": {s.name: self._source_totals(s.name) for s in self.sources},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a rank state (same rank and layout) or a global state (any layout).
-        An iterator taken before stops working; call iter() again."""
+        """Continue from a rank state (same rank and layout, unchanged shards) or a global
+        state (any layout; shards may have been added or removed). An iterator taken before
+        stops working; call iter() again."""
         self.close()
         self._generation += 1
-        self._progress.load(state)
-        if state["kind"] == "rank":
-            self._next_worker = int(state.get("next_worker", 0)) % self.workers
-            base = state.get("metrics", {})
-        else:
+        if len(self.sources) == 1:
+            first = self.sources[0]
+            state = upgrade_state(state, first.name, first.index.shard_list, first.progress.seed)
+        check_state(state, self.seed)
+        kind = state["kind"]
+        if kind not in ("rank", "global"):
+            raise StateError(f"unknown loader state kind {kind!r}")
+        if kind == "rank":
+            layout = (state["rank"], state["world_size"], state["num_workers"])
+            if layout != (self.rank, self.world_size, self.workers):
+                raise StateError(
+                    f"this is the state of rank {layout[0]} of {layout[1]} with {layout[2]} "
+                    f"workers; restoring rank {self.rank} of {self.world_size} with "
+                    f"{self.workers} workers needs the global state: merge_states() over "
+                    "every rank's state"
+                )
+        fitted = {}
+        for source in self.sources:
+            saved = state["sources"].get(source.name)
+            if saved is None:
+                self._log_rank0(logging.INFO, "%s: a new source %r; it starts at epoch 0",
+                                source.key, source.name)
+                continue
+            fitted[source.name] = self._fit(source, saved, kind)
+        dropped = sorted(set(state["sources"]) - {s.name for s in self.sources})
+        if dropped:
+            self._log_rank0(logging.WARNING, "the loader state has sources %s that data.sources "
+                            "no longer names; their progress is dropped", dropped)
+        for source in self.sources:
+            if source.name in fitted:
+                source.progress.seed = int(state["sources"][source.name]["seed"])
+                source.progress.take(fitted[source.name], only_owned=kind == "global")
+        same = kind == "rank"
+        if kind == "global":
             layout = state.get("layout", {})
             same = (layout.get("world_size"), layout.get("num_workers")) == (
-                self.world_size,
-                self.workers,
-            )
-            self._next_worker = int(layout["next_worker"][self.rank]) if same else 0
-            base = state.get("metrics", {}) if self.rank == 0 else {}
+                self.world_size, self.workers)
+        if kind == "rank":
+            self._next_worker = int(state.get("next_worker", 0)) % self.workers
+            self._base_batch = int(state["batches"]["base"])
+            self._taken = int(state["batches"]["taken"])
+        else:
+            self._next_worker = int(state["layout"]["next_worker"][self.rank]) if same else 0
+            self._base_batch = int(state["batches"]["base"])
+            self._taken = 0
+        carries = kind == "rank" or self.rank == 0  # a global state's totals go to rank 0
+        base = state.get("metrics", {}) if carries else {}
         self._base = {k: int(base.get(k, 0)) for k in COUNTER_KEYS}
         self._counters = dict.fromkeys(COUNTER_KEYS, 0)
-        self._epoch = self._progress.floor
+        saved_sources = state.get("source_metrics", {}) if carries else {}
+        for s in self.sources:
+            saved = saved_sources.get(s.name, {})
+            self._source_base[s.name] = {k: int(saved.get(k, 0)) for k in SOURCE_COUNTER_KEYS}
+            self._source_counters[s.name] = dict.fromkeys(SOURCE_COUNTER_KEYS, 0)
+            self._source_epoch[s.name] = s.progress.floor
+
+    def _fit(self, source: Source, saved: dict[str, Any], kind: str) -> SavedSource:
+        """A saved source fitted to its shards now; logs (or refuses) what changed."""
+        decoded = SavedSource.from_json(saved, f"loader state of {source.key}")
+        result = reconcile_source(decoded, source.index.shard_list,
+                                  self.cfg.join_new_shards == "now")
+        if result.unchanged:
+            return result.source
+        if kind == "rank":
+            # Which rank owns which shard depends on the shard list: only the union of every
+            # rank's records can be re-dealt.
+            raise NeedsGlobalState(
+                f"{source.key}: its shard list changed since the checkpoint; restore the "
+                "global state (merge_states over every rank's state)")
+        lines = [f"{name} ({count} samples, {unseen} of them not yet read in the epoch in "
+                 "progress)" for name, count, unseen in result.vanished]
+        lines += [f"{name} (rewritten: {old} -> {new} samples; its progress is dropped)"
+                  for name, old, new in result.changed]
+        if lines and self.cfg.missing_shards == "error":
+            raise StateError(
+                f"data.missing_shards=error: {source.key} ({source.cfg.path}) lost "
+                f"{len(lines)} shards since the checkpoint: {'; '.join(lines[:10])}"
+                f"{' ...' if len(lines) > 10 else ''}"
+            )
+        if lines:
+            self._log_rank0(logging.WARNING, "%s (%s): %d shards vanished since the checkpoint, "
+                            "training goes on without them: %s", source.key, source.cfg.path,
+                            len(lines), "; ".join(lines))
+        if result.added:
+            when = ("now, in the epoch in progress" if self.cfg.join_new_shards == "now"
+                    else f"at its epoch {result.join_epoch}")
+            self._log_rank0(logging.WARNING, "%s (%s): %d new shards join %s (%s%s)",
+                            source.key, source.cfg.path, len(result.added), when,
+                            ", ".join(result.added[:5]), " ..." if len(result.added) > 5 else "")
+        return result.source
+
+    def _log_rank0(self, level: int, message: str, *args) -> None:
+        if self.rank == 0:
+            logger.log(level, message, *args)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -240,6 +408,32 @@ class TrainLoader:
         if self.info.empty_prompt is None:
             return None
         return text_context(self.info.empty_prompt, self.cfg.max_text_tokens)
+
+
+def _mixture_info(indexes: list[tuple[str, SourceConfig, DatasetIndex]],
+                  cfg: DataConfig) -> DatasetInfo:
+    """The dataset facts of the first readable source, checked against the others: a mixture
+    shares one latent space and one text layout. A source with no readable sample is allowed
+    in a mixture (training goes on with the others, and says so)."""
+    infos: list[tuple[str, DatasetInfo]] = []
+    for key, _, index in indexes:
+        try:
+            infos.append((key, dataset_info(index, cfg.storage)))
+        except NoReadableSample as exc:
+            if len(indexes) == 1:
+                raise
+            logger.warning("%s: %s; training starts with the other sources", key, exc)
+    if not infos:
+        raise ValueError("no source of data.sources has a readable sample")
+    key0, first = infos[0]
+    for key, info in infos[1:]:
+        for what in ("scaling_factor", "shift_factor", "schema"):
+            if getattr(info, what) != getattr(first, what):
+                raise ConfigError(
+                    f"{key}.path: {what} {getattr(info, what)} differs from {key0}'s "
+                    f"{getattr(first, what)}; the sources of a mixture must share one latent "
+                    "space and text layout (same encoders)")
+    return first
 
 
 def build_train_loader(
@@ -259,17 +453,24 @@ def build_train_loader(
         loader = SyntheticLoader(cfg.synthetic, cfg.batch_size, rank, world_size,
                                  seed + cfg.seed_offset)
     else:
-        if not cfg.path:
-            raise ConfigError(
-                "data.path: required: the directory of latent shards (with index.json)")
-        index = load_dataset_index(cfg.path)
-        if holdout_shards > 0:
-            if holdout_shards >= index.num_shards:
-                raise ConfigError(
-                    f"eval.holdout_shards: {holdout_shards} of the {index.num_shards} shards "
-                    f"in {index.root} leaves none to train on")
-            index = dataclasses.replace(index, shards=index.shards[:-holdout_shards])
-        loader = TrainLoader(cfg, index, dataset_info(index), rank, world_size, seed)
+        indexes = []
+        for key, scfg in cfg.resolved_sources():
+            index = load_dataset_index(scfg.path, cfg.storage, f"{key}.path")
+            if holdout_shards > 0:
+                index = _hold_out(index, holdout_shards, key)
+            indexes.append((key, scfg, index))
+        loader = TrainLoader(cfg, indexes, _mixture_info(indexes, cfg), rank, world_size, seed)
     if state is not None:
         loader.load_state_dict(state)
     return loader
+
+
+def _hold_out(index: DatasetIndex, holdout_shards: int, key: str) -> DatasetIndex:
+    """``index`` without its last ``holdout_shards`` shards (evaluation's held-out set)."""
+    if key != "data":
+        raise ConfigError("eval.holdout_shards: holds out the last shards of data.path; with "
+                          "data.sources give the held-out shards as eval.data")
+    if holdout_shards >= index.num_shards:
+        raise ConfigError(f"eval.holdout_shards: {holdout_shards} of the {index.num_shards} "
+                          f"shards in {index.root} leaves none to train on")
+    return dataclasses.replace(index, shards=index.shards[:-holdout_shards])

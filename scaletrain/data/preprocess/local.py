@@ -18,34 +18,39 @@ from scaletrain.data.encoders.common import quiet_hub_libraries
 from scaletrain.data.preprocess.pipeline import preprocess_shards
 
 
-def run_rank(cfg, inputs, output, rank, world, verify, finalize=True):
+def run_rank(cfg, inputs, output, rank, world, verify, finalize=True, storage_cfg=None):
     quiet_hub_libraries()
     return preprocess_shards(
-        cfg, inputs, output, rank=rank, world=world, finalize=finalize, verify=verify
+        cfg, inputs, output, rank=rank, world=world, finalize=finalize, verify=verify,
+        storage_cfg=storage_cfg,
     )
 
 
-def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, verify) -> None:
+def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, verify,
+           storage_cfg) -> None:
     os.environ["LOCAL_RANK"] = str(local)  # device "auto" picks this process's GPU
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     rank = base_rank * workers + local
     setup_logging("INFO", rank=rank)
     try:
-        summary = run_rank(cfg, inputs, output, rank, base_world * workers, verify, finalize=False)
+        summary = run_rank(cfg, inputs, output, rank, base_world * workers, verify,
+                           finalize=False, storage_cfg=storage_cfg)
         queue.put((local, summary, None))
     except BaseException as exc:  # report, then fail this process
         queue.put((local, None, f"{type(exc).__name__}: {exc}"))
         raise
 
 
-def run_local_workers(cfg, inputs, output, workers, base_rank=0, base_world=1, verify=False):
+def run_local_workers(cfg, inputs, output, workers, base_rank=0, base_world=1, verify=False,
+                      storage_cfg=None):
     """Run ``workers`` processes, each preprocessing its rank's shards; their summaries."""
     ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or threads
     queue = ctx.Queue()
     procs = [
         ctx.Process(
             target=_child,
-            args=(queue, cfg, inputs, output, i, workers, base_rank, base_world, verify),
+            args=(queue, cfg, inputs, output, i, workers, base_rank, base_world, verify,
+                  storage_cfg),
             name=f"preprocess-{i}",
         )
         for i in range(workers)

@@ -8,7 +8,13 @@ For each shard, in this order:
 4. its manifest ``{stem}.manifest.json`` is written last, the same way.
 
 A shard is complete when its manifest exists and its tar has the size the manifest records
-(:func:`shard_is_complete`); anything else is redone by a rerun. The dataset-level files
+(:func:`shard_is_complete`); anything else is redone by a rerun.
+
+The output may be a URL prefix (``s3://bucket/latents``, :mod:`scaletrain.data.storage`): the
+tar is then written to a local temporary file and uploaded as one object (an object store
+publishes it only when the upload completes), then the ledger and the manifest, each one
+object; ``index.json`` is written last by :func:`finalize_index`. A reader therefore never
+sees a half-written shard or an index naming a shard that is not there yet. The dataset-level files
 (``index.json``, ``errors.jsonl``) are rebuilt from the manifests and ledgers by
 :func:`finalize_index`: cheap (no tar is opened) and idempotent, so whoever finishes last,
 or a separate step after a SLURM array (see docs in ``scaletrain/data/preprocess/__init__``),
@@ -22,17 +28,22 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
-from scaletrain.core.files import atomic_write, atomic_write_json
 from scaletrain.data import shard_format as sf
+from scaletrain.data import storage
 from scaletrain.data.preprocess.samples import ShardEnd
+from scaletrain.data.storage import StorageConfig
 
 log = logging.getLogger(__name__)
+
+
+TAR_OVERHEAD = "tar headers+padding"
 
 
 class FingerprintMismatch(RuntimeError):
@@ -47,50 +58,80 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest_path(out_dir: Path, stem: str) -> Path:
-    return out_dir / f"{stem}{sf.MANIFEST_SUFFIX}"
+def manifest_path(out_dir: str, stem: str) -> str:
+    return storage.join(out_dir, f"{stem}{sf.MANIFEST_SUFFIX}")
 
 
-def shard_is_complete(out_dir: Path, stem: str, fingerprint: str, verify: bool = False) -> bool:
+def _read_json(url: str, cfg: StorageConfig | None) -> Any | None:
+    """A JSON file or object, None when absent or unreadable (a rerun redoes its shard)."""
+    try:
+        return storage.read_json(url, cfg)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    except OSError as exc:
+        log.warning("%s: unreadable: %s", url, exc)
+        return None
+
+
+def shard_is_complete(out_dir: str | Path, stem: str, fingerprint: str, verify: bool = False,
+                      cfg: StorageConfig | None = None) -> bool:
     """True when ``stem`` was finished by a run with this config; raises
     FingerprintMismatch when it was finished by a run with another one."""
+    out_dir = str(out_dir)
     mpath = manifest_path(out_dir, stem)
-    tar = out_dir / f"{stem}.tar"
-    if not mpath.is_file() or not tar.is_file():
+    manifest = _read_json(mpath, cfg)
+    if manifest is None:
         return False
-    try:
-        manifest = sf.read_json(mpath)
-    except (OSError, json.JSONDecodeError):
-        return False
+    tar = storage.join(out_dir, f"{stem}.tar")
     if manifest.get("config_fingerprint") != fingerprint:
         raise FingerprintMismatch(
             f"{mpath}: made with a different preprocess config (fingerprint "
             f"{manifest.get('config_fingerprint')} != {fingerprint}); write to a fresh output "
             f"directory, or delete the old shards to redo them"
         )
-    if tar.stat().st_size != manifest.get("size_bytes"):
+    if storage.size(tar, cfg) != manifest.get("size_bytes"):
         return False
-    return not verify or file_sha256(tar) == manifest.get("sha256")
+    if not verify:
+        return True
+    digest = hashlib.sha256()
+    if storage.is_local(tar):
+        return file_sha256(storage.local_path(tar)) == manifest.get("sha256")
+    for block in storage.iter_blocks(tar, cfg or StorageConfig()):
+        digest.update(block)
+    return digest.hexdigest() == manifest.get("sha256")
 
 
 class ShardOutput:
     """One output shard being written (see the module docstring for the commit order)."""
 
-    def __init__(self, out_dir: Path, stem: str, url: str) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str | Path, stem: str, url: str,
+                 cfg: StorageConfig | None = None) -> None:
+        self.out_dir = str(out_dir)
+        self.cfg = cfg
         self.stem = stem
         self.url = url
-        self.final = out_dir / f"{stem}.tar"
-        self.tmp = out_dir / f"{stem}.tar.tmp-{socket.gethostname()}-{os.getpid()}"
+        self.final = storage.join(self.out_dir, f"{stem}.tar")
+        # Local output: a temporary beside the final name (renamed into place). Remote: a
+        # local temporary file, uploaded whole.
+        staging = (storage.local_path(self.out_dir) if storage.is_local(self.out_dir)
+                   else Path(tempfile.gettempdir()))
+        self.tmp = staging / f"{stem}.tar.tmp-{socket.gethostname()}-{os.getpid()}"
         # Fixed integer mtime: the same input and config give byte-identical shards (a float
         # would add a pax header block to every file).
         self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=0)
         self.ledger: list[dict[str, Any]] = []
         self.bucket_counts: Counter[str] = Counter()
         self.skip_counts: Counter[str] = Counter()
+        # Bytes of each member kind over the shard, and of the tar's headers and padding:
+        # what sizes a dataset (printed per sample by `scaletrain preprocess`).
+        self.member_bytes: Counter[str] = Counter()
         self.num_samples = 0
 
     def write(self, sample: dict[str, Any], bucket: tuple[int, int]) -> None:
+        for ext, data in sample.items():
+            if not ext.startswith("__"):
+                self.member_bytes[ext] += len(data)
+                self.member_bytes[TAR_OVERHEAD] += 512 + (-len(data)) % 512
         self.writer.write(sample)
         self.num_samples += 1
         self.bucket_counts[sf.bucket_name(*bucket)] += 1
@@ -110,13 +151,21 @@ class ShardOutput:
                 f"+ {keyed_skips} skipped: a sample was lost (a bug; the shard is not committed)"
             )
         self.writer.close()
-        os.replace(self.tmp, self.final)
+        sha256, size_bytes = file_sha256(self.tmp), self.tmp.stat().st_size
+        if storage.is_local(self.final):
+            os.replace(self.tmp, storage.local_path(self.final))
+        else:
+            try:
+                storage.upload(self.tmp, self.final, self.cfg)
+            finally:
+                self.tmp.unlink(missing_ok=True)
         ledger_bytes = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.ledger)
-        atomic_write(self.out_dir / f"{self.stem}{sf.SHARD_LEDGER_SUFFIX}", ledger_bytes, durable=True)
+        storage.write_bytes(storage.join(self.out_dir, f"{self.stem}{sf.SHARD_LEDGER_SUFFIX}"),
+                            ledger_bytes, self.cfg)
         manifest = {
             "format_version": sf.FORMAT_VERSION,
             "shard": self.stem,
-            "name": self.final.name,
+            "name": f"{self.stem}.tar",
             "input": {"url": end.url, "sha256": end.input_sha256, "size_bytes": end.input_bytes},
             "num_input_samples": end.num_groups,
             "num_samples": self.num_samples,
@@ -124,13 +173,14 @@ class ShardOutput:
             "skipped_by_reason": dict(sorted(self.skip_counts.items())),
             "tar_problem": end.tar_problem,
             "bucket_counts": dict(sorted(self.bucket_counts.items())),
-            "sha256": file_sha256(self.final),
-            "size_bytes": self.final.stat().st_size,
+            "member_bytes": dict(sorted(self.member_bytes.items())),
+            "sha256": sha256,
+            "size_bytes": size_bytes,
             "config_fingerprint": fingerprint,
             **encoders,
         }
-        atomic_write_json(manifest_path(self.out_dir, self.stem), manifest, durable=True)
-        (self.out_dir / f"{self.stem}{sf.FAILED_SUFFIX}").unlink(missing_ok=True)
+        storage.write_json(manifest_path(self.out_dir, self.stem), manifest, self.cfg)
+        storage.remove(storage.join(self.out_dir, f"{self.stem}{sf.FAILED_SUFFIX}"), self.cfg)
         return manifest
 
     def abort(self) -> None:
@@ -141,31 +191,34 @@ class ShardOutput:
         self.tmp.unlink(missing_ok=True)
 
 
-def record_failure(out_dir: Path, stem: str, url: str, reason: str) -> None:
+def record_failure(out_dir: str | Path, stem: str, url: str, reason: str,
+                   cfg: StorageConfig | None = None) -> None:
     """Mark a shard that could not be read; finalize_index puts it in the ledger."""
-    atomic_write_json(
-        out_dir / f"{stem}{sf.FAILED_SUFFIX}", {"shard": stem, "url": url, "reason": reason},
-        durable=True,
-    )
+    storage.write_json(storage.join(str(out_dir), f"{stem}{sf.FAILED_SUFFIX}"),
+                       {"shard": stem, "url": url, "reason": reason}, cfg)
 
 
-def remove_stale_temporaries(out_dir: Path, stems: list[str]) -> None:
+def remove_stale_temporaries(out_dir: str | Path, stems: list[str]) -> None:
     """Delete temporary tars of ``stems`` left by a crashed or preempted run. Only for this
-    rank's own shards: no other process writes them."""
+    rank's own shards: no other process writes them. (Remote output stages its temporaries
+    locally, so nothing is left in the bucket.)"""
+    if not storage.is_local(out_dir):
+        return
     for stem in stems:
-        for tmp in out_dir.glob(f"{stem}.tar.tmp-*"):
+        for tmp in storage.local_path(out_dir).glob(f"{stem}.tar.tmp-*"):
             log.info("removing %s, left by an interrupted run", tmp)
             tmp.unlink(missing_ok=True)
 
 
-def check_same_config(out_dir: Path, fingerprint: str) -> None:
+def check_same_config(out_dir: str | Path, fingerprint: str,
+                      cfg: StorageConfig | None = None) -> None:
     """Refuse to add shards made with another config to a directory that has some already
     (one read of plan.json, not one per manifest: cheap for thousands of ranks)."""
-    plan = out_dir / sf.PLAN_NAME
-    if not plan.is_file():
+    plan = _read_json(storage.join(str(out_dir), sf.PLAN_NAME), cfg)
+    if plan is None:
         return
-    previous = sf.read_json(plan).get("config_fingerprint")
-    if previous != fingerprint and next(out_dir.glob(f"*{sf.MANIFEST_SUFFIX}"), None):
+    previous = plan.get("config_fingerprint")
+    if previous != fingerprint and storage.listing(out_dir, sf.MANIFEST_SUFFIX, cfg):
         raise FingerprintMismatch(
             f"{out_dir} holds shards made with a different preprocess config (fingerprint "
             f"{previous} != {fingerprint}); write to a fresh output directory, or delete the "
@@ -173,31 +226,29 @@ def check_same_config(out_dir: Path, fingerprint: str) -> None:
         )
 
 
-def write_plan(out_dir: Path, table: list[tuple[str, str]], fingerprint: str) -> None:
-    atomic_write_json(
-        out_dir / sf.PLAN_NAME,
+def write_plan(out_dir: str | Path, table: list[tuple[str, str]], fingerprint: str,
+               cfg: StorageConfig | None = None) -> None:
+    storage.write_json(
+        storage.join(str(out_dir), sf.PLAN_NAME),
         {
             "shards": [{"shard": stem, "url": url} for stem, url in table],
             "config_fingerprint": fingerprint,
         },
-        durable=True,
+        cfg,
     )
 
 
-def _manifest_state(out_dir: Path) -> list[tuple[str, int]]:
-    """Names and mtimes of the files the index is built from (a cheap change detector)."""
+def _manifest_state(out_dir: str, cfg: StorageConfig | None) -> list[tuple[str, str]]:
+    """Names and version tags of the files the index is built from (a cheap change
+    detector)."""
     state = []
-    for pattern in (f"*{sf.MANIFEST_SUFFIX}", f"*{sf.FAILED_SUFFIX}"):
-        for path in out_dir.glob(pattern):
-            try:
-                state.append((path.name, path.stat().st_mtime_ns))
-            except FileNotFoundError:  # removed while we looked
-                continue
+    for suffix in (sf.MANIFEST_SUFFIX, sf.FAILED_SUFFIX):
+        state += [(name, tag) for name, (tag, _) in storage.listing(out_dir, suffix, cfg).items()]
     return sorted(state)
 
 
-def finalize_index(output_dir: str | Path) -> dict[str, Any]:
-    """(Re)build ``index.json`` and ``errors.jsonl`` from the manifests and ledgers on disk.
+def finalize_index(output_dir: str | Path, cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """(Re)build ``index.json`` and ``errors.jsonl`` from the manifests and ledgers.
 
     Lists every complete shard (manifest present, tar of the recorded size), and says which
     planned shards are missing and which failed. Safe to run at any time, by any number of
@@ -205,32 +256,34 @@ def finalize_index(output_dir: str | Path) -> dict[str, Any]:
     finish together cannot leave a stale index: each rescans after writing and rebuilds if a
     manifest appeared meanwhile, so the last write always saw every earlier manifest.
     """
-    out_dir = Path(output_dir)
+    out_dir = str(output_dir)
     for _ in range(10):
-        before = _manifest_state(out_dir)
-        index = _build_index(out_dir)
-        if _manifest_state(out_dir) == before:
+        before = _manifest_state(out_dir, cfg)
+        index = _build_index(out_dir, cfg)
+        if _manifest_state(out_dir, cfg) == before:
             break
     return index
 
 
-def _build_index(out_dir: Path) -> dict[str, Any]:
-    plan_path = out_dir / sf.PLAN_NAME
-    planned = [s["shard"] for s in sf.read_json(plan_path)["shards"]] if plan_path.is_file() else []
+def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
+    plan = _read_json(storage.join(out_dir, sf.PLAN_NAME), cfg)
+    planned = [s["shard"] for s in plan["shards"]] if plan else []
     shards, ledger_lines, failed = [], [], []
     totals: Counter[str] = Counter()
+    member_bytes: Counter[str] = Counter()
     fingerprints, encoders = set(), {}
     done = set()
-    for mpath in sorted(out_dir.glob(f"*{sf.MANIFEST_SUFFIX}")):
-        stem = mpath.name[: -len(sf.MANIFEST_SUFFIX)]
-        try:
-            manifest = sf.read_json(mpath)
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("%s: unreadable manifest, shard left out of the index: %s", mpath, exc)
+    tars = {name: size for name, (_, size) in storage.listing(out_dir, ".tar", cfg).items()}
+    for name in sorted(storage.listing(out_dir, sf.MANIFEST_SUFFIX, cfg)):
+        stem = name[: -len(sf.MANIFEST_SUFFIX)]
+        mpath = storage.join(out_dir, name)
+        manifest = _read_json(mpath, cfg)
+        if manifest is None:
+            log.warning("%s: unreadable manifest, shard left out of the index", mpath)
             continue
-        tar = out_dir / manifest["name"]
-        if not tar.is_file() or tar.stat().st_size != manifest["size_bytes"]:
-            log.warning("%s: tar missing or of the wrong size, left out of the index", tar)
+        if tars.get(manifest["name"]) != manifest["size_bytes"]:
+            log.warning("%s: tar missing or of the wrong size, left out of the index",
+                        storage.join(out_dir, manifest["name"]))
             continue
         done.add(stem)
         fingerprints.add(manifest["config_fingerprint"])
@@ -246,12 +299,16 @@ def _build_index(out_dir: Path) -> dict[str, Any]:
             }
         )
         totals.update(manifest["bucket_counts"])
-        ledger = out_dir / f"{stem}{sf.SHARD_LEDGER_SUFFIX}"
-        if ledger.is_file():
-            ledger_lines.extend(line for line in ledger.read_text("utf-8").splitlines() if line)
-    for fpath in sorted(out_dir.glob(f"*{sf.FAILED_SUFFIX}")):
-        info = sf.read_json(fpath)
-        if info["shard"] in done or (planned and info["shard"] not in planned):
+        member_bytes.update(manifest.get("member_bytes", {}))
+        try:
+            ledger = storage.read_bytes(storage.join(out_dir, f"{stem}{sf.SHARD_LEDGER_SUFFIX}"),
+                                        cfg).decode("utf-8")
+        except FileNotFoundError:
+            ledger = ""
+        ledger_lines.extend(line for line in ledger.splitlines() if line)
+    for name in sorted(storage.listing(out_dir, sf.FAILED_SUFFIX, cfg)):
+        info = _read_json(storage.join(out_dir, name), cfg)
+        if info is None or info["shard"] in done or (planned and info["shard"] not in planned):
             continue  # since completed, or no longer an input of this output
         failed.append({"shard": info["shard"], "reason": info["reason"]})
         ledger_lines.append(
@@ -278,12 +335,34 @@ def _build_index(out_dir: Path) -> dict[str, Any]:
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_skipped": sum(s["num_skipped"] for s in shards),
         "bucket_counts": dict(sorted(totals.items())),
+        "member_bytes": dict(sorted(member_bytes.items())),
         "config_fingerprint": next(iter(fingerprints), None),
         "complete": not missing,
         "missing": missing,
         "failed": failed,
         **encoders,
     }
-    atomic_write(out_dir / sf.LEDGER_NAME, "".join(line + "\n" for line in ledger_lines), durable=True)
-    atomic_write_json(out_dir / sf.INDEX_NAME, index, durable=True)
+    storage.write_bytes(storage.join(out_dir, sf.LEDGER_NAME),
+                        "".join(line + "\n" for line in ledger_lines), cfg)
+    storage.write_json(storage.join(out_dir, sf.INDEX_NAME), index, cfg)  # last
     return index
+
+
+def describe_sizes(index: dict[str, Any]) -> list[str]:
+    """Bytes per sample of each member kind, and what 100M samples would take (for sizing a
+    run's storage), from an index's ``member_bytes``."""
+    samples, sizes = index.get("num_samples", 0), index.get("member_bytes") or {}
+    if not samples or not sizes:
+        return []
+    total = sum(sizes.values())
+    parts = ", ".join(f"{name} {_human(b / samples)}" for name, b in sorted(sizes.items()))
+    return [f"bytes per sample: {parts}; total {_human(total / samples)} "
+            f"(100M samples: {_human(total / samples * 1e8)})"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    raise AssertionError("unreachable")

@@ -8,8 +8,10 @@ thus overlaps encoding, and several shards are in flight at once (one per worker
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 import sys
 import time
 from collections import Counter, defaultdict
@@ -19,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from scaletrain.core.files import atomic_write
 from scaletrain.data import shard_format as sf
+from scaletrain.data import storage
 from scaletrain.data.encoders import build_image_encoder, build_text_encoder, unbatch_text
 from scaletrain.data.preprocess.config import PreprocessConfig, output_fingerprint
 from scaletrain.data.preprocess.output import (
@@ -48,6 +49,7 @@ from scaletrain.data.preprocess.samples import (
     worker_init,
 )
 from scaletrain.data.preprocess.work import assign, expand_inputs, shard_table
+from scaletrain.data.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +143,26 @@ class _Encoders:
         ]
 
 
-def write_empty_prompt(out_dir: Path, text_encoder, fingerprint: str) -> None:
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (8-byte header length, JSON header)."""
+    (length,) = struct.unpack_from("<Q", data, 0)
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
+
+
+def write_empty_prompt(out_dir: str, text_encoder, fingerprint: str,
+                       cfg: StorageConfig | None = None) -> None:
     """``empty_prompt.text.safetensors``: the "no caption" conditioning for CFG dropout."""
-    path = out_dir / sf.EMPTY_PROMPT_NAME
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as fh:
-                if (fh.metadata() or {}).get("config_fingerprint") == fingerprint:
-                    return
-        except Exception:  # noqa: BLE001 - unreadable: rewrite it
-            pass
+    path = storage.join(out_dir, sf.EMPTY_PROMPT_NAME)
+    try:
+        if _safetensors_metadata(storage.read_bytes(path, cfg)).get(
+                "config_fingerprint") == fingerprint:
+            return
+    except Exception:  # noqa: BLE001 - absent or unreadable: (re)write it
+        pass
     tensors = unbatch_text(text_encoder.encode([""]))[0]
     data = save_tensors(tensors, metadata={"config_fingerprint": fingerprint})
     load_tensors(data)  # round-trip check before it replaces anything
-    atomic_write(path, data, durable=True)
+    storage.write_bytes(path, data, cfg)
 
 
 def preprocess_shards(
@@ -165,6 +173,7 @@ def preprocess_shards(
     world: int = 1,
     finalize: bool = True,
     verify: bool = False,
+    storage_cfg: StorageConfig | None = None,
 ) -> PreprocessSummary:
     """Preprocess this rank's share of ``inputs`` into ``output_dir``.
 
@@ -173,16 +182,21 @@ def preprocess_shards(
     skipped (``verify`` also re-hashes their tars), everything else is (re)done. When
     ``finalize`` is set the index is rebuilt at the end from whatever is complete by then;
     see the package docstring for how a job array ends with a final, complete index.
+    Inputs and ``output_dir`` may be URLs (``s3://...``) reached with ``storage_cfg``.
     """
     start = time.perf_counter()
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = str(output_dir)
+    storage.check_url(out_dir, "--output")
+    if storage.is_local(out_dir):
+        out_dir = str(storage.local_path(out_dir))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     fingerprint = output_fingerprint(cfg)
-    table = shard_table(expand_inputs(inputs))
-    check_same_config(out_dir, fingerprint)
-    write_plan(out_dir, table, fingerprint)
+    table = shard_table(expand_inputs(inputs, storage_cfg))
+    check_same_config(out_dir, fingerprint, storage_cfg)
+    write_plan(out_dir, table, fingerprint, storage_cfg)
     mine = assign(table, rank, world)
-    todo = [(s, u) for s, u in mine if not shard_is_complete(out_dir, s, fingerprint, verify)]
+    todo = [(s, u) for s, u in mine
+            if not shard_is_complete(out_dir, s, fingerprint, verify, storage_cfg)]
     summary = PreprocessSummary(rank=rank, world=world, shards_assigned=len(mine))
     summary.shards_already_complete = len(mine) - len(todo)
     log.info(
@@ -199,11 +213,12 @@ def preprocess_shards(
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         encoders = _Encoders(cfg)
-        write_empty_prompt(out_dir, encoders.text, fingerprint)
-        _ShardRun(cfg, out_dir, encoders, fingerprint, summary, rank, len(todo)).run(todo)
+        write_empty_prompt(out_dir, encoders.text, fingerprint, storage_cfg)
+        _ShardRun(cfg, out_dir, encoders, fingerprint, summary, rank, len(todo),
+                  storage_cfg).run(todo)
     summary.seconds = time.perf_counter() - start
     if finalize:
-        finalize_index(out_dir)
+        finalize_index(out_dir, storage_cfg)
     log.info("rank %d/%d done:\n%s", rank, world, summary.describe())
     return summary
 
@@ -211,8 +226,10 @@ def preprocess_shards(
 class _ShardRun:
     """The main-process side of one rank: buffers per (shard, bucket), encode, write."""
 
-    def __init__(self, cfg, out_dir, encoders, fingerprint, summary, rank, num_shards):
+    def __init__(self, cfg, out_dir, encoders, fingerprint, summary, rank, num_shards,
+                 storage_cfg=None):
         self.cfg = cfg
+        self.storage_cfg = storage_cfg
         self.out_dir = out_dir
         self.encoders = encoders
         self.fingerprint = fingerprint
@@ -231,7 +248,7 @@ class _ShardRun:
     def run(self, todo: list[tuple[str, str]]) -> None:
         workers = self.cfg.decode_workers
         loader = DataLoader(
-            RawShardDataset(todo, self.cfg),
+            RawShardDataset(todo, self.cfg, self.storage_cfg),
             batch_size=None,
             num_workers=workers,
             worker_init_fn=worker_init if workers else None,
@@ -250,7 +267,8 @@ class _ShardRun:
     def handle(self, msg) -> None:
         if isinstance(msg, ShardBegin):
             if msg.stem not in self.ends:
-                self.open[msg.stem] = ShardOutput(self.out_dir, msg.stem, msg.url)
+                self.open[msg.stem] = ShardOutput(self.out_dir, msg.stem, msg.url,
+                                                  self.storage_cfg)
                 self.ends[msg.stem] = []
             return
         if msg.stem not in self.open:
@@ -305,7 +323,7 @@ class _ShardRun:
             self.summary.samples_written -= shard.num_samples
             self.reasons.subtract(shard.skip_counts)
             shard.abort()
-            record_failure(self.out_dir, end.stem, end.url, end.failed)
+            record_failure(self.out_dir, end.stem, end.url, end.failed, self.storage_cfg)
             self.summary.shards_failed.append({"shard": end.stem, "reason": end.failed})
         if len(ends) < end.parts:
             return

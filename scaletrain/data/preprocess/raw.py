@@ -2,9 +2,11 @@
 
 A raw shard is a tar whose members are named ``{key}.{ext}`` (the key may contain folders;
 the extension starts at the first dot of the file name, as in WebDataset). The files of one
-sample are consecutive. :func:`iter_raw_samples` streams a shard (a local path, or any URL
-``webdataset.gopen`` opens, such as ``pipe:aws s3 cp s3://bucket/00001.tar -``) and yields
-one :class:`RawSample` per group, plus :class:`TarProblem` when the archive is damaged.
+sample are consecutive. :func:`iter_raw_samples` streams a shard (a local path; an object-store
+URL such as ``s3://bucket/raw/00001.tar``, read with retries through
+:mod:`scaletrain.data.storage`; or any other URL ``webdataset.gopen`` opens, such as
+``pipe:aws s3 cp s3://bucket/00001.tar -`` or ``https://...``) and yields one
+:class:`RawSample` per group, plus :class:`TarProblem` when the archive is damaged.
 
 Damage is told apart from a failed download:
 
@@ -25,6 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
+
+from scaletrain.data import storage
+from scaletrain.data.storage import RemoteStream, StorageConfig
 
 BLOCK = 512
 # A tar ends with two zero blocks (POSIX.1-1988); a stream without them was cut short.
@@ -91,20 +97,30 @@ class _HashingReader:
         self.raw.close()
 
 
-def open_url(url: str):
-    """A binary stream for a local path or a URL webdataset understands (pipe:, http...)."""
+def uses_fsspec(url: str) -> bool:
+    """Object-store URLs (s3://, and any fsspec scheme webdataset has no opener for)."""
+    name = storage.scheme(url)
+    return name is not None and name not in gopen_schemes
+
+
+def open_url(url: str, cfg: StorageConfig | None = None):
+    """A binary stream for a local path, an object-store URL, or a URL webdataset
+    understands (pipe:, http...)."""
+    if uses_fsspec(url):
+        storage.check_url(url, "--input")
+        return RemoteStream(url, cfg or StorageConfig())
     if ":" in url.split("/", 1)[0] and not re.match(r"^[A-Za-z]:[\\/]", url):
         return wds.gopen(url, "rb")
-    return open(url, "rb")
+    return open(storage.local_path(url), "rb")
 
 
 def iter_raw_samples(
-    url: str, stats: StreamStats | None = None
+    url: str, stats: StreamStats | None = None, cfg: StorageConfig | None = None
 ) -> Iterator[RawSample | TarProblem]:
     """Yield the sample groups of one raw shard in archive order (see module docstring)."""
     stats = stats if stats is not None else StreamStats()
     try:
-        stream = _HashingReader(open_url(url))
+        stream = _HashingReader(open_url(url, cfg))
     except OSError as exc:
         raise ShardReadError(f"{url}: cannot open: {exc}") from exc
     current: RawSample | None = None

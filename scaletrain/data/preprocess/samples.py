@@ -39,6 +39,7 @@ from scaletrain.data.preprocess.raw import (
     TarProblem,
     iter_raw_samples,
 )
+from scaletrain.data.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,8 @@ def _source_url(data: bytes | None) -> str | None:
 
 
 def iter_shard(
-    stem: str, url: str, preparer: SamplePreparer, part: int = 0, parts: int = 1
+    stem: str, url: str, preparer: SamplePreparer, part: int = 0, parts: int = 1,
+    storage_cfg: StorageConfig | None = None,
 ) -> Iterator[Any]:
     """Messages for one shard (or one part of it): ShardBegin, Prepared/Skipped per sample
     group of this part, ShardEnd. Part 0 also reports damage to the tar itself."""
@@ -187,7 +189,7 @@ def iter_shard(
     seen: set[str] = set()
     group = -1
     try:
-        for item in iter_raw_samples(url, stats):
+        for item in iter_raw_samples(url, stats, storage_cfg):
             if isinstance(item, TarProblem):
                 end.tar_problem = item.reason
                 if part == 0:
@@ -223,10 +225,12 @@ def work_units(shards: list[tuple[str, str]], workers: int) -> list[tuple[str, s
 class RawShardDataset(IterableDataset):
     """The messages of a list of (stem, url) shards, split between DataLoader workers."""
 
-    def __init__(self, shards: list[tuple[str, str]], cfg: PreprocessConfig) -> None:
+    def __init__(self, shards: list[tuple[str, str]], cfg: PreprocessConfig,
+                 storage_cfg: StorageConfig | None = None) -> None:
         super().__init__()
         self.shards = list(shards)
         self.cfg = cfg
+        self.storage_cfg = storage_cfg
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -234,7 +238,7 @@ class RawShardDataset(IterableDataset):
         set_pixel_limit(self.cfg.max_image_pixels)
         preparer = SamplePreparer(self.cfg)
         for stem, url, part, parts in work_units(self.shards, workers)[worker::workers]:
-            yield from iter_shard(stem, url, preparer, part, parts)
+            yield from iter_shard(stem, url, preparer, part, parts, self.storage_cfg)
 
 
 def worker_init(_: int) -> None:

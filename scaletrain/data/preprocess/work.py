@@ -27,17 +27,28 @@ from pathlib import PurePosixPath
 import webdataset as wds
 
 from scaletrain.core.dist_env import dist_env_from_environ
+from scaletrain.data import storage
+from scaletrain.data.storage import StorageConfig
 
 
-def expand_inputs(patterns: str | list[str]) -> list[str]:
-    """Brace patterns (``data/{00000..00099}.tar``), ``::``-joined lists, local globs and
-    ``pipe:`` URLs -> a sorted list of distinct shard URLs."""
+def expand_inputs(patterns: str | list[str], cfg: StorageConfig | None = None) -> list[str]:
+    """Brace patterns (``data/{00000..00099}.tar``), ``::``-joined lists, globs (local or
+    ``s3://bucket/raw/*.tar``) and ``pipe:`` URLs -> a sorted list of distinct shard URLs."""
     if isinstance(patterns, str):
         patterns = [patterns]
     urls: list[str] = []
     for pattern in patterns:
         for url in wds.shardlists.expand_urls(pattern):
-            if not _is_url(url) and any(c in url for c in "*?["):
+            if storage.scheme(url) is not None and not url.startswith("pipe:"):
+                storage.check_url(url, "--input")
+            globbing = any(c in url for c in "*?[")
+            if globbing and storage.scheme(url) is not None and url.split(":", 1)[0] not in (
+                    "pipe", "http", "https"):
+                matches = storage.glob_urls(url, cfg)
+                if not matches:
+                    raise FileNotFoundError(f"input pattern {url!r} matches no object")
+                urls.extend(matches)
+            elif not _is_url(url) and globbing:
                 matches = sorted(glob.glob(url))
                 if not matches:
                     raise FileNotFoundError(f"input pattern {url!r} matches no file")
