@@ -18,7 +18,7 @@ from scaletrain.data import storage
 from scaletrain.data.preprocess.local import run_local_workers, run_rank
 from scaletrain.data.preprocess.output import describe_sizes, finalize_index
 from scaletrain.data.preprocess.pipeline import PreprocessSummary
-from scaletrain.data.preprocess.work import resolve_rank_world
+from scaletrain.data.preprocess.work import check_output_apart, expand_inputs, resolve_rank_world
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("scaletrain preprocess: --workers must be >= 1", file=sys.stderr)
         return 2
+    # Before any worker starts: an output that overlaps the inputs' folder is refused here.
+    check_output_apart(args.output, expand_inputs(args.input, store))
     cfg = root.preprocess
     base_rank, base_world, source = resolve_rank_world()
     log.info(

@@ -99,3 +99,20 @@ def test_local_workers_split_the_shards(tmp_path, tiny_cache, capsys):
     assert "shards: 3 written" in printed and "assigned to 2 ranks" in printed
     index = sf.read_index(out)
     assert index["complete"] and index["num_samples"] == 6 and index["num_shards"] == 3
+
+
+@pytest.mark.parametrize("where", ["raw", "raw/latents", "."])
+def test_output_overlapping_the_inputs_folder_is_refused_before_reading(
+        tmp_path, tiny_cache, capsys, where):
+    pattern = write_synthetic_shards(tmp_path / "raw", num_shards=2, samples_per_shard=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()}
+    out = (tmp_path / where).resolve()
+    argv = ["preprocess", DEMO, "--input", pattern, "--output", str(out),
+            *_overrides(tiny_cache)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "apart from the inputs" in err
+    # Nothing written: the raw shards are untouched, no index, no latents folder.
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == before
+    assert not (tmp_path / "raw" / "latents").exists()
+    assert not (tmp_path / sf.INDEX_NAME).exists()

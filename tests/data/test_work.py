@@ -68,3 +68,23 @@ def test_assignment_covers_every_shard_once():
     assert parts[0] == [0, 3, 6, 9]
     with pytest.raises(ValueError):
         assign(shards, 3, 3)
+
+
+def test_output_apart_from_inputs_local_and_object_storage(tmp_path):
+    from scaletrain.core.config_base import ConfigError
+    from scaletrain.data.preprocess.work import check_output_apart
+
+    raw = [f"{tmp_path}/raw/00000.tar", f"{tmp_path}/raw/00001.tar"]
+    for bad in (tmp_path / "raw", tmp_path / "raw" / "x", tmp_path, f"{tmp_path}/raw/"):
+        with pytest.raises(ConfigError, match="apart from the inputs"):
+            check_output_apart(str(bad), raw)
+    check_output_apart(str(tmp_path / "latents"), raw)  # a sibling is fine
+    check_output_apart(str(tmp_path / "raw2"), raw)  # a name prefix is not a parent
+    s3 = ["s3://bucket/raw/00000.tar"]
+    for bad in ("s3://bucket/raw", "s3://bucket/raw/latents", "s3://bucket", "s3://bucket/"):
+        with pytest.raises(ConfigError, match="apart from the inputs"):
+            check_output_apart(bad, s3)
+    check_output_apart("s3://bucket/latents", s3)
+    check_output_apart("s3://other/raw", s3)
+    check_output_apart(str(tmp_path / "raw"), s3)  # a local folder is not the bucket
+    check_output_apart("s3://bucket/raw", ["pipe:curl -s http://h/raw/00000.tar"])

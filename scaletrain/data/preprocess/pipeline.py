@@ -48,7 +48,12 @@ from scaletrain.data.preprocess.samples import (
     bucket_list,
     worker_init,
 )
-from scaletrain.data.preprocess.work import assign, expand_inputs, shard_table
+from scaletrain.data.preprocess.work import (
+    assign,
+    check_output_apart,
+    expand_inputs,
+    shard_table,
+)
 from scaletrain.data.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -187,11 +192,13 @@ def preprocess_shards(
     start = time.perf_counter()
     out_dir = str(output_dir)
     storage.check_url(out_dir, "--output")
+    urls = expand_inputs(inputs, storage_cfg)
+    check_output_apart(out_dir, urls)
     if storage.is_local(out_dir):
         out_dir = str(storage.local_path(out_dir))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     fingerprint = output_fingerprint(cfg)
-    table = shard_table(expand_inputs(inputs, storage_cfg))
+    table = shard_table(urls)
     check_same_config(out_dir, fingerprint, storage_cfg)
     write_plan(out_dir, table, fingerprint, storage_cfg)
     mine = assign(table, rank, world)

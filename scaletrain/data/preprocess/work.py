@@ -26,6 +26,7 @@ from pathlib import PurePosixPath
 
 import webdataset as wds
 
+from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import dist_env_from_environ
 from scaletrain.data import storage
 from scaletrain.data.storage import StorageConfig
@@ -58,6 +59,40 @@ def expand_inputs(patterns: str | list[str], cfg: StorageConfig | None = None) -
     if not urls:
         raise ValueError(f"input {patterns!r} names no shard")
     return sorted(dict.fromkeys(urls))
+
+
+def _location(url: str) -> tuple[str, tuple[str, ...]]:
+    """(where, path parts) of a local path (resolved) or a URL prefix, for comparing folders."""
+    if storage.is_local(url):
+        return "", tuple(storage.local_path(url).expanduser().resolve().parts)
+    name = storage.scheme(url) or ""
+    rest = url.split("://", 1)[-1] if "://" in url else url.split(":", 1)[-1]
+    return name, tuple(part for part in rest.split("/") if part)
+
+
+def check_output_apart(output: str, inputs: list[str]) -> None:
+    """Refuse an output folder equal to, inside or containing the folder of an input shard.
+
+    Outputs are named after their inputs (``00000.tar``), so such an output would overwrite
+    the raw shards or mix latents with them; checked before anything is read or written.
+    ``pipe:`` inputs name no folder and are not checked."""
+    out_where, out_parts = _location(str(output))
+    for url in inputs:
+        if url.startswith("pipe:"):
+            continue
+        where, parts = _location(url)
+        folder = parts[:-1]
+        if where != out_where:
+            continue
+        shorter = min(len(folder), len(out_parts))
+        if folder[:shorter] == out_parts[:shorter]:
+            relation = ("is the folder of" if folder == out_parts else
+                        "is inside the folder of" if len(out_parts) > len(folder) else
+                        "contains the folder of")
+            raise ConfigError(
+                f"--output {output!r} {relation} input {url!r}; it could overwrite or mix "
+                f"with the raw shards: give an output folder apart from the inputs"
+            )
 
 
 def _is_url(url: str) -> bool:
