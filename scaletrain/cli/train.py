@@ -19,6 +19,7 @@ from scaletrain.core.log import setup_logging
 from scaletrain.launch.local import launch_local
 from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
+from scaletrain.train.preflight import check_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory: config, metrics and checkpoints (resumed if present)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="start N local processes (gloo on CPU, NCCL on GPU)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run: move an existing RUN_DIR aside to "
+                             "RUN_DIR.old-TIMESTAMP (renamed, never deleted)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -39,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         # model.init_from that does not fit fails here, once, before any rank starts.
         setup_logging(args.log_level)
+        # Once, here: the ranks started below find the old run already moved aside.
+        check_run_dir(cfg, args.run_dir, overwrite=args.overwrite)
         check_init_source(cfg, args.run_dir)
         argv = ["train", args.config, "--run-dir", args.run_dir, "--log-level",
                 args.log_level, *args.overrides]
@@ -47,6 +53,9 @@ def main(args: argparse.Namespace) -> int:
     rank = dist_env_from_environ().rank
     setup_logging(args.log_level, rank=rank)
     try:
+        # Only rank 0 moves an old run aside; the others must not refuse what it moves.
+        if rank == 0 or not args.overwrite:
+            check_run_dir(cfg, args.run_dir, overwrite=args.overwrite and rank == 0)
         outcome = run_training(cfg, args.run_dir)
     except NonFiniteTrainingError as exc:
         log.error("%s", exc)

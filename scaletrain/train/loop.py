@@ -46,6 +46,7 @@ from scaletrain.train.monitor.metrics_logger import MetricsLogger
 from scaletrain.train.monitor.throughput import Throughput
 from scaletrain.train.monitor.timestep_loss import LossByTimestep
 from scaletrain.train.monitor.validation import Validator
+from scaletrain.train.preflight import describe_world_change
 from scaletrain.train.signals import PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class Trainer:
         # the run in seconds (None when there is no model.init_from or the run resumes).
         init_source = open_init_source(cfg.model, run_dir, cfg.checkpoint.resume)
         if rank == 0:
+            change = describe_world_change(cfg, run_dir, world_size, train.lr)
+            if change is not None:
+                log.warning("%s", change)
             save_config(cfg, run_dir)
         self.engine = build_engine(train, cfg.model, cfg.data.batch_size, world_size, cfg.seed,
                                    device)

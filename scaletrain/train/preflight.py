@@ -1,0 +1,123 @@
+"""Checks of a run directory made before any process group, model or file is created.
+
+They run in the launcher (or on every rank, each reaching the same verdict) so that a run that
+would mix two trainings, or resume weights of another shape, stops in a second with one line
+that names what is wrong, and nothing in the run directory has been touched yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaletrain.core.config_base import ConfigError, to_dict
+from scaletrain.core.run_dir import CHECKPOINTS, STEP_PREFIX, find_latest, read_state
+
+log = logging.getLogger(__name__)
+
+# Model keys that do not change the weights a checkpoint holds: where they come from, which of
+# them train, and recomputation. Every other model key must match the checkpoint's.
+_RESUMABLE_MODEL_KEYS = frozenset({
+    "init_from", "init_strict", "init_weights", "init_optimizer", "init_keep_step", "trainable",
+    "init_record", "gradient_checkpointing", "text_seq_len",
+})
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds any checkpoint directory (complete or not) of an earlier run."""
+    root = Path(run_dir) / CHECKPOINTS
+    return root.is_dir() and any(p.name.startswith(STEP_PREFIX) for p in root.iterdir())
+
+
+def move_aside(run_dir: str | Path) -> Path:
+    """Rename ``run_dir`` to ``RUN_DIR.old-YYYYmmdd-HHMMSS`` (never deleted); returns the new
+    name."""
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while target.exists():  # two moves in one second
+        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+        n += 1
+    run_dir.rename(target)
+    return target
+
+
+def check_run_dir(cfg, run_dir: str | Path, overwrite: bool = False) -> Path | None:
+    """Refuse a run directory that this run would mix with an earlier one.
+
+    * ``checkpoint.resume=false`` where checkpoints exist: the new run's checkpoints, metrics
+      and ``latest`` would interleave with the old run's (and pruning would delete the newer
+      run's steps, which sort as older). ``overwrite`` moves the old run aside instead; the
+      new name is returned.
+    * resuming with a model config that differs from the checkpoint's: the differing keys are
+      named in one error, before ``config.yaml`` is rewritten or any weight is loaded.
+    """
+    run_dir = Path(run_dir)
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        moved = move_aside(run_dir)
+        log.warning("--overwrite: moved the earlier run %s aside to %s", run_dir, moved)
+        return moved
+    if not cfg.checkpoint.resume and has_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of an earlier run and checkpoint.resume=false would "
+            f"mix the two runs: use another --run-dir, resume it (checkpoint.resume=true), or "
+            f"pass --overwrite to move the earlier run aside (renamed, not deleted)"
+        )
+    if cfg.checkpoint.resume:
+        check_same_model(cfg, run_dir)
+    return None
+
+
+def saved_config(ckpt: Path) -> dict[str, Any] | None:
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def check_same_model(cfg, run_dir: Path) -> None:
+    """A resume builds the model of ``cfg``; it must be the one the checkpoint holds."""
+    ckpt = find_latest(run_dir)
+    if ckpt is None:
+        return
+    saved = saved_config(ckpt)
+    if saved is None or not isinstance(saved.get("model"), dict):
+        return
+    ours = to_dict(cfg.model)
+    theirs = saved["model"]
+    differing = sorted(
+        key for key in set(ours) | set(theirs)
+        if key not in _RESUMABLE_MODEL_KEYS and ours.get(key) != theirs.get(key)
+    )
+    if differing:
+        details = ", ".join(
+            f"model.{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differing)
+        raise ConfigError(
+            f"{ckpt} was trained with another model config ({details}); resume with the "
+            f"run's own config ({run_dir / 'config.yaml'}) or start a new --run-dir"
+        )
+
+
+def describe_world_change(cfg, run_dir: Path, world_size: int, lr: float) -> str | None:
+    """One line when a resume changes the global batch (another number of ranks), else None."""
+    ckpt = find_latest(run_dir)
+    if ckpt is None or not cfg.checkpoint.resume:
+        return None
+    old_world = read_state(ckpt).get("world_size")
+    if old_world is None or old_world == world_size:
+        return None
+    saved = saved_config(ckpt) or {}
+    data, train = saved.get("data", {}), saved.get("train", {})
+    old_per_rank = data.get("batch_size", cfg.data.batch_size) * train.get(
+        "grad_accum", cfg.train.grad_accum)
+    new_global = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    return (
+        f"resuming at world size {world_size} (was {old_world}): global batch "
+        f"{old_per_rank * old_world} -> {new_global}, learning rate {lr:g} unchanged "
+        f"(scale train.lr yourself if the batch change should change it)"
+    )

@@ -1,0 +1,82 @@
+"""A run directory is never mixed with another run: checks made before anything starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaletrain.config import load_config
+from scaletrain.core import run_dir as rd
+from scaletrain.core.config_base import ConfigError, dump_yaml
+from scaletrain.train.preflight import check_run_dir, describe_world_change
+from tests.train.conftest import SYNTHETIC, explain, run_train
+
+FP32 = ["train.bf16=false", "train.max_steps=2", "checkpoint.every=1", "logging.every=1"]
+
+
+def _snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("preflight") / "run"
+    proc = run_train(run_dir, FP32, nproc=1)
+    assert proc.returncode == 0, explain(proc)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_fresh_start_over_checkpoints_is_refused_or_moves_the_old_run_aside(finished_run):
+    before = _snapshot(finished_run)
+    proc = run_train(finished_run, [*FP32, "checkpoint.resume=false"], nproc=1)
+    assert proc.returncode == 2, explain(proc)
+    assert "checkpoint.resume=false would mix the two runs" in proc.stderr
+    assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(finished_run) == before  # nothing written, nothing pruned
+
+    # A different model: refused with the differing key named; config.yaml is not rewritten.
+    proc = run_train(finished_run, [*FP32, "train.max_steps=3", "model.width=32"], nproc=1)
+    assert proc.returncode == 2, explain(proc)
+    assert "model.width 64 -> 32" in proc.stderr
+    assert "size mismatch" not in proc.stderr + proc.stdout
+    assert _snapshot(finished_run) == before
+
+    # --overwrite renames the old run (every byte kept) and trains a new one in its place.
+    proc = run_train(finished_run, [*FP32, "checkpoint.resume=false", "--overwrite"], nproc=1)
+    assert proc.returncode == 0, explain(proc)
+    moved = [p for p in finished_run.parent.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and _snapshot(moved[0]) == before
+    steps = [json.loads(line)["step"]
+             for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def _fake_run(run_dir, world_size: int, overrides=()):
+    ckpt = rd.checkpoints_dir(run_dir) / rd.step_dir_name(10)
+    ckpt.mkdir(parents=True)
+    cfg = load_config(SYNTHETIC, list(overrides))
+    (ckpt / "config.yaml").write_text(dump_yaml(cfg))
+    (ckpt / rd.STATE).write_text(json.dumps({"step": 10, "world_size": world_size}))
+    (ckpt / rd.MARKER).write_text("")
+    return cfg
+
+
+def test_resume_at_another_world_size_says_old_and_new_global_batch(tmp_path):
+    cfg = load_config(SYNTHETIC, [])
+    _fake_run(tmp_path, world_size=3)
+    line = describe_world_change(cfg, tmp_path, world_size=2, lr=1e-3)
+    assert line is not None and "global batch 12 -> 8" in line and "0.001" in line
+    assert "\n" not in line
+    assert describe_world_change(cfg, tmp_path, world_size=3, lr=1e-3) is None
+
+
+def test_model_keys_that_differ_are_all_named_in_one_error(tmp_path):
+    _fake_run(tmp_path, world_size=1)
+    cfg = load_config(SYNTHETIC, ["model.width=32", "model.depth=2", "model.trainable=x"])
+    with pytest.raises(ConfigError) as err:
+        check_run_dir(cfg, tmp_path)
+    assert "model.depth 4 -> 2" in str(err.value) and "model.width 64 -> 32" in str(err.value)
+    assert str(err.value).count("model.") == 2  # trainable may differ on resume
