@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from scaletrain import __version__
 from scaletrain.core.config_base import ConfigError, from_dict, load_yaml, to_dict
-from scaletrain.core.run_dir import read_state, resolve_checkpoint
+from scaletrain.core.run_dir import CHECKPOINTS, read_state, resolve_checkpoint
 from scaletrain.data.loader.config import DataConfig
 from scaletrain.data.preprocess.config import PreprocessConfig
 from scaletrain.data.shard_format import read_index
@@ -270,6 +270,39 @@ def _check_against_diffusers(weights: Mapping[str, torch.Tensor], model_cfg: Mod
         )
 
 
+_EXPORT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, SIDECAR_NAME})
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_export_target(out: str | Path, sources: tuple[Path, ...] = (), overwrite: bool = False
+                        ) -> None:
+    """Refuse an --out that could destroy what it did not create.
+
+    An export is never written into a run directory (a folder holding ``checkpoints/``) or
+    anything inside one, nor over or around a folder it reads (``sources``); ``--overwrite``
+    only replaces a folder that holds nothing but the files an export writes."""
+    out = Path(out).expanduser().resolve()
+    for source in sources:
+        source = Path(source).expanduser().resolve()
+        if _inside(out, source) or _inside(source, out):
+            raise ExportError(
+                f"--out {out}: overlaps the export's input {source}; give a folder outside it")
+    for folder in (out, *out.parents):
+        if (folder / CHECKPOINTS).is_dir():
+            raise ExportError(
+                f"--out {out}: is inside the run directory {folder}; an export never writes "
+                f"into a run, give a folder outside it")
+    if overwrite and out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _EXPORT_FILES)
+        if foreign:
+            raise ExportError(
+                f"--out {out}: --overwrite replaces only an earlier export, and this folder "
+                f"also holds {', '.join(foreign[:5])}; give a new folder")
+
+
 def _publish(staging: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
@@ -315,6 +348,7 @@ def export_state_dict(
     meta = export_metadata(cfg, layout, weights, dtype, provenance, warnings, dataset)
 
     out = Path(out_dir)
+    check_export_target(out, overwrite=overwrite)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,6 +419,8 @@ def export_checkpoint(
         checkpoint = resolve_checkpoint(run_dir, step)
     except FileNotFoundError as exc:
         raise ExportError(str(exc)) from exc
+    # Before the (slow) consolidation: the run itself is never a target.
+    check_export_target(out_dir, (Path(run_dir), checkpoint), overwrite)
     cfg = load_run_config(checkpoint)
     if encoders is not None:
         cfg.preprocess = from_dict(PreprocessConfig, load_yaml(encoders).get("preprocess", {}),

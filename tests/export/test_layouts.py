@@ -149,3 +149,34 @@ def test_a_plain_diffusers_model_is_not_mistaken_for_an_export(tmp_path):
     (tmp_path / "d" / "scaletrain.json").unlink()
     with pytest.raises(ExportError, match="plain diffusers model"):
         read_metadata(tmp_path / "d")
+
+
+def test_export_never_writes_into_or_removes_a_run_or_its_input(tmp_path, capsys):
+    import json
+
+    from scaletrain.cli import main as scaletrain_main
+    from scaletrain.core import run_dir as rd
+
+    run = tmp_path / "runs" / "r1"
+    ckpt = rd.checkpoints_dir(run) / rd.step_dir_name(40)
+    ckpt.mkdir(parents=True)
+    (ckpt / rd.STATE).write_text(json.dumps({"step": 40}))
+    (ckpt / rd.MARKER).write_text("")
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, why in ((run, "overlaps"), (tmp_path / "runs", "overlaps"), (ckpt, "overlaps"),
+                     (run / "exports" / "e", "overlaps")):
+        code = scaletrain_main(["export", str(run), "--out", str(out), "--overwrite"])
+        assert code == 1 and why in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # A folder inside another run is refused too, with or without --overwrite.
+    cfg = tiny_root_config("tiny_unet")
+    state = trained_like(cfg.model).state_dict()
+    with pytest.raises(ExportError, match="inside the run directory"):
+        export_state_dict(state, cfg, run / "export")
+    # --overwrite replaces an earlier export, never a folder holding other files.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="notes.txt"):
+        export_state_dict(state, cfg, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
