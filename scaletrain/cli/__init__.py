@@ -54,6 +54,23 @@ def _top_parser() -> argparse.ArgumentParser:
     )
 
 
+# Options that name a local file or folder in every subcommand that has them; a URL there
+# would be taken as a relative path (``s3://b/x`` -> a folder named ``s3:``). Options that
+# may be URLs (preprocess --input/--output, data.path) are checked where they are read.
+_LOCAL_PATH_OPTIONS = {"config": "CONFIG", "run_dir": "--run-dir", "out": "--out",
+                       "weights": "--weights", "prompts": "--prompts", "encoders": "--encoders",
+                       "inception": "--inception"}
+
+
+def _check_local_paths(args: argparse.Namespace) -> None:
+    from scaletrain.data.storage import check_local  # not at import: keeps --help fast
+
+    for dest, flag in _LOCAL_PATH_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not (dest == "weights" and value in ("ema", "raw")):
+            check_local(value, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     by_name = {s.name: s for s in SUBCOMMANDS}
@@ -71,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed parsing lets overrides stand anywhere: `train CFG --run-dir D a.b=1`.
     args = parser.parse_intermixed_args(argv[1:])
     try:
+        _check_local_paths(args)
         return int(module.main(args) or 0)
     except ConfigError as exc:
         print(f"scaletrain {sub.name}: config error: {exc}", file=sys.stderr)

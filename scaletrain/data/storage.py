@@ -121,6 +121,14 @@ def check_url(url: str, key: str) -> None:
         raise ConfigError(f"{key}: {url!r} needs a library that is not installed: {exc}") from None
 
 
+def check_local(url: str, key: str) -> None:
+    """Refuse a URL where only a local path is handled (run directories, exports, samples):
+    taken as a path, ``s3://b/x`` would create a local folder named ``s3:``."""
+    name = scheme(url)
+    if name is not None:
+        raise ConfigError(f"{key}: {url!r} is a {name}: URL; this takes a local path only")
+
+
 def join(base: str | Path, name: str) -> str:
     """``base/name`` for a local directory or a URL prefix."""
     if is_local(base):

@@ -83,3 +83,22 @@ def test_config_errors_exit_2_with_the_key(monkeypatch, tmp_path, capsys):
     assert cli.main(["cfgsub", str(cfg), "--dry-run", "train.lr=0.25"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 3" in out and "lr: 0.25" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "configs/train/synthetic.yaml", "--run-dir", "s3://bucket/run", "--dry-run"],
+    ["export", "RUN", "--out", "s3://bucket/export"],
+    ["export", "gs://bucket/run", "--out", "e"],
+    ["sample", "--weights", "w", "--prompt", "a cat", "--out", "s3://bucket/samples"],
+    ["eval", "RUN", "configs/train/synthetic.yaml", "--out", "foo://x"],
+], ids=["train", "export_out", "export_run", "sample", "eval"])
+def test_urls_where_a_local_path_is_taken_are_refused(argv, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    argv = [str(repo / a) if a.startswith("configs/") else a for a in argv]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "URL; this takes a local path only" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:" (or anything) created
