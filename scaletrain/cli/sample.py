@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, rank=0)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # New images next to stale ones (or over some of them) would read as one set.
+        print(f"scaletrain sample: error: --out {out} already holds files (earlier samples?); "
+              f"give a new folder", file=sys.stderr)
+        return 1
     try:
         prompts = args.prompt if args.prompt else read_prompts(args.prompts)
         preprocess = None

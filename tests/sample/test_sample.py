@@ -152,3 +152,15 @@ def test_a_vae_export_decodes_through_the_recorded_vae(tiny_clip_cache, tmp_path
     shutil.rmtree(vae)
     with pytest.raises(OSError, match="cannot load the VAE"):
         sample_images(export, ["a black star"], steps=1, out_dir=tmp_path / "o2")
+
+
+def test_cli_refuses_an_out_folder_with_earlier_samples(unet_export, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["sample", "--weights", str(unet_export), "--prompt", "a red circle", "--steps", "2",
+            "--seed", "0", "1", "--out", str(out), "--device", "cpu", "--log-level", "WARNING"]
+    assert scaletrain_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = [*argv[:4], "a blue square", *argv[5:8], "3", *argv[9:]]  # other prompt and seed
+    assert scaletrain_main(again) == 1
+    assert "already holds files" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
