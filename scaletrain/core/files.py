@@ -25,6 +25,31 @@ def temp_name(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def readable_per_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open()`` would: 0666 (0777 for folders) minus the umask.
+
+    Some writers (safetensors' ``save_file``) create files 0600 whatever the umask, so exports
+    and samples meant for teammates would be readable by their owner only."""
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new entry in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -43,6 +68,7 @@ def atomic_output(path: str | Path, durable: bool = False) -> Iterator[Path]:
     tmp = temp_name(path)
     try:
         yield tmp
+        readable_per_umask(tmp)
         if durable:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from scaletrain import __version__
 from scaletrain.core.config_base import ConfigError, from_dict, load_yaml, to_dict
+from scaletrain.core.files import readable_per_umask
 from scaletrain.core.run_dir import CHECKPOINTS, read_state, resolve_checkpoint
 from scaletrain.data.loader.config import DataConfig
 from scaletrain.data.preprocess.config import PreprocessConfig
@@ -367,6 +368,8 @@ def export_state_dict(
             _diffusers_files(state, cfg.model, torch_dtype, staging)
             _write_json(staging / SIDECAR_NAME, meta)
         files = sorted(p.name for p in staging.iterdir())
+        for path in (staging, *staging.iterdir()):
+            readable_per_umask(path)
         _publish(staging, out, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

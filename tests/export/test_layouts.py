@@ -180,3 +180,20 @@ def test_export_never_writes_into_or_removes_a_run_or_its_input(tmp_path, capsys
     with pytest.raises(ExportError, match="notes.txt"):
         export_state_dict(state, cfg, tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "diffusers"])
+def test_exported_files_follow_the_umask(layout, tmp_path):
+    import os
+    import stat
+
+    cfg = tiny_root_config("tiny_unet")
+    state = trained_like(cfg.model).state_dict()
+    for mask, want in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(mask)
+        try:
+            out = export_state_dict(state, cfg, tmp_path / f"e{mask:o}", layout=layout).out_dir
+        finally:
+            os.umask(old)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert modes and set(modes.values()) == {want}, modes
