@@ -13,13 +13,14 @@ import argparse
 import logging
 
 from scaletrain.cli.common import add_config_arguments, resolve_config
+from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
 from scaletrain.core.log import setup_logging
 from scaletrain.launch.local import launch_local
 from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
-from scaletrain.train.preflight import check_run_dir
+from scaletrain.train.preflight import check_data, check_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)  # validates eagerly, also in the launcher process
-    if cfg is None:
+    if cfg is None:  # --dry-run printed the config; the start-up checks run too
+        cfg = load_config(args.config, args.overrides)
+        check_data(cfg)
+        if not args.overwrite:
+            check_run_dir(cfg, args.run_dir)
         return EXIT_OK
     if args.nproc is not None:
         # model.init_from that does not fit fails here, once, before any rank starts.
         setup_logging(args.log_level)
+        check_data(cfg)
         # Once, here: the ranks started below find the old run already moved aside.
         check_run_dir(cfg, args.run_dir, overwrite=args.overwrite)
         check_init_source(cfg, args.run_dir)
@@ -54,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, rank=rank)
     try:
         # Only rank 0 moves an old run aside; the others must not refuse what it moves.
+        if rank == 0:
+            check_data(cfg)
         if rank == 0 or not args.overwrite:
             check_run_dir(cfg, args.run_dir, overwrite=args.overwrite and rank == 0)
         outcome = run_training(cfg, args.run_dir)

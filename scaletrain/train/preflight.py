@@ -16,6 +16,7 @@ import yaml
 
 from scaletrain.core.config_base import ConfigError, to_dict
 from scaletrain.core.run_dir import CHECKPOINTS, STEP_PREFIX, find_latest, read_state
+from scaletrain.data.loader.dataset_index import load_dataset_index
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,22 @@ def check_run_dir(cfg, run_dir: str | Path, overwrite: bool = False) -> Path | N
     if cfg.checkpoint.resume:
         check_same_model(cfg, run_dir)
     return None
+
+
+def check_data(cfg) -> None:
+    """Every data source has a readable dataset index: checked once, on rank 0 or in the
+    launcher, before the process group and the model (a missing ``data.path`` used to fail
+    after the whole start-up, once per rank)."""
+    data = cfg.data
+    if data.synthetic.enabled:
+        return
+    sources = [(data.path, "data.path")] if data.path else [
+        (s.path, f"data.sources[{i}].path") for i, s in enumerate(data.sources)]
+    for path, key in sources:
+        try:
+            load_dataset_index(path, data.storage, key=key)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def saved_config(ckpt: Path) -> dict[str, Any] | None:

@@ -80,3 +80,22 @@ def test_model_keys_that_differ_are_all_named_in_one_error(tmp_path):
         check_run_dir(cfg, tmp_path)
     assert "model.depth 4 -> 2" in str(err.value) and "model.width 64 -> 32" in str(err.value)
     assert str(err.value).count("model.") == 2  # trainable may differ on resume
+
+
+def test_dry_run_checks_the_data_and_the_run_dir_too(tmp_path, capsys):
+    from scaletrain.cli import main
+
+    demo = str(SYNTHETIC.parent / "demo.yaml")
+    run = tmp_path / "run"
+    argv = ["train", demo, "--run-dir", str(run), "--dry-run"]
+    assert main([*argv, f"data.path={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.path is not a directory of latent shards" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert main([*argv, f"data.path={tmp_path / 'empty'}"]) == 2
+    assert "no dataset index; run `scaletrain preprocess`" in capsys.readouterr().err
+    _fake_run(run, world_size=1)
+    assert main(["train", str(SYNTHETIC), "--run-dir", str(run), "--dry-run",
+                 "checkpoint.resume=false"]) == 2
+    assert "would mix the two runs" in capsys.readouterr().err
+    assert not run.with_name("run.old").exists() and (run / "checkpoints").is_dir()
