@@ -39,6 +39,8 @@ SUBCOMMANDS = [
     Subcommand("demo", "scaletrain.cli.demo", "the offline end-to-end demo"),
     Subcommand("eval", "scaletrain.cli.eval",
                "validation loss, FID and CLIP score of weights; FID of two image sets"),
+    Subcommand("plot", "scaletrain.cli.plot",
+               "PNG plots of a run's metrics.jsonl (loss, throughput, stability)"),
 ]
 
 

@@ -27,7 +27,7 @@ def test_top_level_help_lists_every_subcommand():
 def test_the_contracted_subcommands_exist():
     names = [s.name for s in cli.SUBCOMMANDS]
     assert names == ["preprocess", "train", "submit", "export", "sample", "model-info", "demo",
-                     "eval"]
+                     "eval", "plot"]
 
 
 @pytest.mark.parametrize("sub", [s.name for s in cli.SUBCOMMANDS])
