@@ -10,13 +10,17 @@ Exit status: 0 done, 75 (EXIT_REQUEUE) preempted after a checkpoint, 1 failed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
+from pathlib import Path
 
 from scaletrain.cli.common import add_config_arguments, resolve_config
 from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
-from scaletrain.core.log import setup_logging
+from scaletrain.core.log import FILE_ONLY, add_log_file, setup_logging
+from scaletrain.core.run_dir import TRAIN_LOG, checkpoints_dir, find_latest
 from scaletrain.launch.local import launch_local
 from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
@@ -58,12 +62,18 @@ def main(args: argparse.Namespace) -> int:
 
     rank = dist_env_from_environ().rank
     setup_logging(args.log_level, rank=rank)
+    log_file = Path(args.run_dir) / TRAIN_LOG
     try:
         # Only rank 0 moves an old run aside; the others must not refuse what it moves.
         if rank == 0:
             check_data(cfg)
         if rank == 0 or not args.overwrite:
             check_run_dir(cfg, args.run_dir, overwrite=args.overwrite and rank == 0)
+        if rank == 0:  # after the checks: a refused start leaves the run dir untouched
+            add_log_file(log_file, rank)
+            job = os.environ.get("SLURM_JOB_ID")
+            log.info("scaletrain train %s --run-dir %s%s", args.config, args.run_dir,
+                     f" (SLURM job {job})" if job else "")
         outcome = run_training(cfg, args.run_dir)
     except NonFiniteTrainingError as exc:
         log.error("%s", exc)
@@ -73,7 +83,35 @@ def main(args: argparse.Namespace) -> int:
             log.debug("%s", exc)
             return EXIT_FAILED
         raise
+    except Exception as exc:
+        if rank != 0 or not log_file.is_file():
+            raise
+        # The developer's traceback goes to the run's log file; the console gets one line.
+        logging.getLogger(FILE_ONLY).error("training failed", exc_info=True)
+        log.error("%s: %s (traceback in %s)", type(exc).__name__, exc, log_file)
+        return EXIT_FAILED
     if outcome.status == "preempted":
         return EXIT_REQUEUE
-    log.info("done: step %d, %d samples seen", outcome.step, outcome.samples_seen)
+    if rank == 0:
+        for line in summary_lines(outcome, Path(args.run_dir)):
+            log.info("%s", line)
     return EXIT_OK
+
+
+def summary_lines(outcome, run_dir: Path) -> list[str]:
+    """What a user wants at the end of a run: what was done, how fast, where things are,
+    and what to run next."""
+    rate = outcome.samples_run / outcome.seconds if outcome.seconds > 0 else float("nan")
+    latest = find_latest(run_dir)
+    lines = [
+        f"done: step {outcome.step} ({outcome.steps_run} steps, {outcome.samples_run} samples "
+        f"this job; {outcome.samples_seen} samples in all), wall time "
+        f"{datetime.timedelta(seconds=round(outcome.seconds))}, {rate:.1f} samples/s mean, "
+        f"{outcome.skipped_steps} skipped steps",
+        f"checkpoints: {checkpoints_dir(run_dir)} (newest: {latest.name if latest else 'none'})",
+    ]
+    if outcome.last_grid:
+        lines.append(f"last validation grid: {outcome.last_grid}")
+    out = run_dir.parent / f"{run_dir.name}-export-step{outcome.step}"
+    lines.append(f"next: scaletrain export {run_dir} --out {out}")
+    return lines

@@ -47,3 +47,24 @@ def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool 
     # Third-party libraries are noisy at INFO; keep them at WARNING.
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+FILE_ONLY = "scaletrain.file_only"  # a logger whose records go to the log file, not the console
+
+
+def add_log_file(path, rank: int | None = None) -> logging.Handler:
+    """Also append everything logged (at the root logger's level) to ``path``, so that the
+    console of a run is kept with it; records of the ``FILE_ONLY`` logger go only there."""
+    from pathlib import Path
+
+    rank = env_rank() if rank is None else rank
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_RankFilter(rank))
+    root = logging.getLogger()
+    for other in root.handlers:  # the console never shows the file-only records
+        other.addFilter(lambda record: not record.name.startswith(FILE_ONLY))
+    root.addHandler(handler)
+    return handler

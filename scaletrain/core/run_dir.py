@@ -3,6 +3,7 @@
 
     RUN_DIR/config.yaml                 the resolved config of the run
     RUN_DIR/metrics.jsonl               metrics, one JSON line per logged step
+    RUN_DIR/train.log                   rank 0's console log of every job (with tracebacks)
     RUN_DIR/eval/                       evaluation's cache (FID reference statistics)
     RUN_DIR/checkpoints/step_{N:09d}/   one complete checkpoint (see scaletrain.train.checkpoint)
     RUN_DIR/checkpoints/latest          the name of the newest complete checkpoint
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG = "config.yaml"
+TRAIN_LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MARKER = "COMPLETE"

@@ -10,8 +10,10 @@ so a resumed run draws exactly what an uninterrupted one would have drawn.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,8 @@ from scaletrain.train.preflight import describe_world_change
 from scaletrain.train.signals import PreemptionFlag
 
 log = logging.getLogger(__name__)
+# The per-step console line; its own name so that it reads "scaletrain.progress: step 5/20 ...".
+progress = logging.getLogger("scaletrain.progress")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,31 @@ class TrainOutcome:
     status: Literal["completed", "preempted"]
     step: int
     samples_seen: int
+    # For the end-of-run summary (rank 0 prints it).
+    steps_run: int = 0  # steps taken by this process (not counting those before a resume)
+    samples_run: int = 0
+    seconds: float = 0.0  # wall time of the training loop
+    skipped_steps: int = 0
+    last_grid: str | None = None  # the newest validation grid, if any
+
+
+def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
+    """The one console line printed every logging.every steps (and into RUN_DIR/train.log)."""
+    def get(key: str) -> float:
+        value = metrics.get(key)
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    step_time = get("perf/step_time_s")
+    eta = (total - step) * step_time
+    eta_text = (str(datetime.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?")
+    mfu = get("perf/mfu")
+    return (
+        f"step {step}/{total} | loss {get('loss'):.4f} | lr {get('lr'):.2e} | "
+        f"{get('perf/samples_per_s'):.1f} samples/s | "
+        f"MFU {'n/a' if not math.isfinite(mfu) else f'{100 * mfu:.1f}%'} | "
+        f"data wait {100 * get('perf/data_wait_frac'):.1f}% | "
+        f"peak mem {get('perf/peak_mem_gib'):.2f} GiB | ETA {eta_text}"
+    )
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -216,6 +245,7 @@ class Trainer:
                  self.world, train.zero_stage, train.bf16, self.global_batch, state.step,
                  train.max_steps)
         batches = iter(self.loader)
+        first_step, first_samples, started = state.step, state.samples_seen, time.perf_counter()
         status: Literal["completed", "preempted"] = "completed"
         self.throughput.start()
         try:
@@ -251,7 +281,13 @@ class Trainer:
             self.bar.close()
             self.metrics.close()
             self.loader.close()  # stop DataLoader workers now, not at interpreter exit
-        return TrainOutcome(status, state.step, state.samples_seen)
+        last_grid = sorted((self.run_dir / "validation").glob("step_*.png"))
+        return TrainOutcome(status, state.step, state.samples_seen,
+                            steps_run=state.step - first_step,
+                            samples_run=state.samples_seen - first_samples,
+                            seconds=time.perf_counter() - started,
+                            skipped_steps=state.skipped_steps,
+                            last_grid=str(last_grid[-1]) if last_grid else None)
 
     def _finish_step(self, result: StepResult) -> bool:
         """Agree across ranks on the step's loss, whether it was skipped and whether to stop
@@ -305,6 +341,8 @@ class Trainer:
         metrics.update({f"data/{k}": v for k, v in self.loader.metrics().items()
                         if isinstance(v, (int, float))})
         self.metrics.log(self.state.step, metrics, samples_seen=self.state.samples_seen)
+        if self.rank == 0:
+            progress.info("%s", progress_line(self.state.step, self.cfg.train.max_steps, metrics))
 
     def _validate(self) -> None:
         """Sample the validation prompts from the EMA weights (collective on every rank)."""

@@ -52,6 +52,16 @@ def test_fresh_start_over_checkpoints_is_refused_or_moves_the_old_run_aside(fini
     steps = [json.loads(line)["step"]
              for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    # The console: one progress line per logged step, the same lines in RUN_DIR/train.log,
+    # and a summary that ends with the export command to run next.
+    lines = [x for x in proc.stderr.splitlines() if "scaletrain.progress: step " in x]
+    assert len(lines) == 2 and "step 2/2 | loss " in lines[1]
+    for part in ("samples/s", "MFU", "data wait", "peak mem", "ETA"):
+        assert part in lines[1]
+    kept = (finished_run / "train.log").read_text()
+    assert lines[1].split("scaletrain.progress: ")[1] in kept
+    assert f"next: scaletrain export {finished_run} --out" in kept
+    assert "done: step 2 (2 steps, 8 samples this job" in proc.stderr
 
 
 def _fake_run(run_dir, world_size: int, overrides=()):
@@ -99,3 +109,16 @@ def test_dry_run_checks_the_data_and_the_run_dir_too(tmp_path, capsys):
                  "checkpoint.resume=false"]) == 2
     assert "would mix the two runs" in capsys.readouterr().err
     assert not run.with_name("run.old").exists() and (run / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_a_runtime_failure_prints_one_line_and_keeps_the_traceback_in_train_log(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")  # the first save fails (a real OSError)
+    proc = run_train(run, FP32, nproc=1)
+    assert proc.returncode == 1, explain(proc)
+    assert "Traceback" not in proc.stderr
+    assert "(traceback in " in proc.stderr and str(run / "train.log") in proc.stderr
+    log_text = (run / "train.log").read_text()
+    assert "Traceback (most recent call last)" in log_text and "training failed" in log_text
