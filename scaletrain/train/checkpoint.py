@@ -10,12 +10,19 @@ Layout of one checkpoint (``run_dir/checkpoints/step_{N:09d}/``)::
     rng/rank_{r:05d}.pt      torch / numpy / python RNG states of rank r
     state.json               step, samples_seen, world_size, zero_stage, skipped steps, ...
     config.yaml              the resolved config of the run that wrote it
+    manifest.json            size and sha256 of every file above
     COMPLETE                 the completion marker, written last
 
-It is written under ``.tmp_step_{N:09d}``; once every rank has written its part, rank 0
-writes the marker and renames the directory, then rewrites ``checkpoints/latest`` (a file
-naming the newest complete directory). A directory without its marker (a crash mid-write)
-is never loaded. Only the newest ``keep_last`` complete checkpoints are kept.
+It is written under ``.tmp_step_{N:09d}``; once every rank has written its part, the ranks
+fsync and hash a round-robin share of the files each, rank 0 writes the manifest, fsyncs every
+directory, writes the marker, renames the directory and fsyncs its parent, then rewrites
+``checkpoints/latest`` (a file naming the newest complete directory). A directory without
+its marker (a crash mid-write) is never loaded; after a power loss a directory with its
+marker has all its bytes. Only the newest ``keep_last`` complete checkpoints are kept.
+
+``restore`` verifies the newest complete checkpoint against its manifest (each rank reads
+its share); a damaged one is named in one line, renamed to ``step_N.corrupt`` (never
+deleted) and the next older one is tried.
 
 :class:`CheckpointManager` holds the engine (model + optimizer, saved by DeepSpeed), the
 train state (``state.json``) and a dict of per-rank stateful objects (EMA, loader, RNG),
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -42,20 +50,27 @@ import torch.distributed as dist
 
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import import_deepspeed
-from scaletrain.core.files import atomic_write
+from scaletrain.core.files import atomic_write, atomic_write_json, fsync_dir
 from scaletrain.core.run_dir import (
     LATEST,
+    MANIFEST,
     MARKER,
     STATE,
     TMP_PREFIX,
+    checkpoint_files,
     checkpoint_step,
     checkpoints_dir,
     complete_checkpoints,
     find_latest,
+    hash_files,
     rank_file,
     rank_files,
+    read_manifest,
     read_state,
+    set_aside,
+    share,
     step_dir_name,
+    verify_files,
 )
 from scaletrain.data.loader import NeedsGlobalState, merge_states
 from scaletrain.export.consolidate import DS_TAG, convert_to_universal
@@ -133,6 +148,20 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every directory under ``root`` (deepest first) and ``root`` itself, so that the
+    entries of the files in them survive a power loss."""
+    dirs = [Path(d) for d, _, _ in os.walk(root)]
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
 class CheckpointManager:
     """Saves and restores the engine, the train state and the per-rank objects of one run.
 
@@ -161,11 +190,11 @@ class CheckpointManager:
         Returns the checkpoint directory, or None for a fresh start. A checkpoint written by
         another number of ranks is converted to DeepSpeed's universal format first (once,
         by rank 0); it must have been written under the same ZeRO stage."""
-        found = find_latest(self.run_dir) if self.cfg.resume and self.rank == 0 else None
-        found = _broadcast(str(found) if found is not None else None)
-        if found is None:
+        if not self.cfg.resume:
             return None
-        ckpt = Path(found)
+        ckpt = self._newest_verified()
+        if ckpt is None:
+            return None
         saved = read_state(ckpt)
         check_same_stage(ckpt, saved, self.zero_stage)
         same_world = saved["world_size"] == self.world_size
@@ -189,6 +218,44 @@ class CheckpointManager:
                  saved["samples_seen"],
                  "" if same_world else f", world size {saved['world_size']} -> {self.world_size}")
         return ckpt
+
+    def _newest_verified(self) -> Path | None:
+        """The newest complete checkpoint whose files match its manifest. A damaged one is
+        reported in one line, set aside as ``step_N.corrupt`` and the next older one tried;
+        ``latest`` is rewritten to name the one chosen. Every rank checks its share."""
+        set_aside_any = False
+        while True:
+            found = find_latest(self.run_dir) if self.rank == 0 else None
+            found = _broadcast(str(found) if found is not None else None)
+            if found is None:
+                break
+            ckpt = Path(found)
+            manifest = read_manifest(ckpt)
+            if manifest is None:
+                # Written before manifests existed: nothing to check against.
+                if self.rank == 0:
+                    log.warning("%s has no %s: resuming without verifying it", ckpt, MANIFEST)
+                break
+            mine = verify_files(ckpt, manifest, share(sorted(manifest), self.rank,
+                                                      self.world_size))
+            problems = sorted({p for ps in _all_gather(mine) for p in ps})
+            if not problems:
+                break
+            if self.rank == 0:
+                aside = set_aside(ckpt)
+                more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""
+                log.error("damaged checkpoint: %s%s; set aside as %s, trying the previous "
+                          "checkpoint", problems[0], more, aside.name)
+                set_aside_any = True
+            dist.barrier()
+        if self.rank == 0 and set_aside_any:
+            latest = self.root / LATEST
+            if found is not None:
+                atomic_write(latest, Path(found).name + "\n", durable=True)
+            else:
+                latest.unlink(missing_ok=True)
+                log.error("no checkpoint in %s verifies; starting from scratch", self.root)
+        return Path(found) if found is not None else None
 
     def _load_engine(self, ckpt: Path, universal: bool) -> None:
         """Model weights, fp32 master weights and optimizer state into the built engine."""
@@ -226,16 +293,27 @@ class CheckpointManager:
         )
         for kind, obj in self.per_rank.items():
             torch.save(obj.state_dict(), tmp / rank_file(kind, self.rank))
-        dist.barrier()
         if self.rank == 0:
             state = {**asdict(self.train_state), "world_size": self.world_size,
                      "zero_stage": self.zero_stage, **self.run_info()}
-            atomic_write(tmp / "config.yaml", self.config_yaml, durable=True)
-            atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True), durable=True)
+            atomic_write(tmp / "config.yaml", self.config_yaml)
+            atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
+        dist.barrier()
+        # Every file is written: each rank fsyncs and hashes its share (one read of
+        # 1/world of the bytes, mostly from the page cache), rank 0 collects the manifest.
+        rels = _broadcast(checkpoint_files(tmp) if self.rank == 0 else None)
+        hashes = _all_gather(hash_files(tmp, share(rels, self.rank, self.world_size)))
+        if self.rank == 0:
+            files = {rel: h for part in hashes for rel, h in part.items()}
+            atomic_write_json(tmp / MANIFEST, {"files": files})
+            # Order matters for a power loss: file contents (fsynced above), then every
+            # directory entry, then the marker, then the rename, then the parent's entry.
+            fsync_tree(tmp)
             atomic_write(tmp / MARKER, f"{step}\n", durable=True)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            fsync_dir(self.root)
             atomic_write(self.root / LATEST, final.name + "\n", durable=True)
             prune(self.run_dir, self.cfg.keep_last)
             log.info("checkpoint saved: %s", final)
