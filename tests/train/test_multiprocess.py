@@ -202,3 +202,76 @@ def test_sigterm_saves_a_checkpoint_and_exits_requeue(tmp_path):
     state = json.loads((latest / ck.STATE).read_text())
     assert 2 <= state["step"] < 100000
     assert (ck.checkpoints_dir(tmp_path) / ck.LATEST).read_text().strip() == latest.name
+
+
+# ----------------------------------------------------------------- damaged checkpoints
+
+OPTIM = "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+DAMAGES = {
+    "optimizer missing": (OPTIM, "delete"),
+    "optimizer truncated": (OPTIM, "truncate"),
+    "optimizer bytes flipped": (OPTIM, "flip"),
+    "model missing": ("ds/mp_rank_00_model_states.pt", "delete"),
+    "model truncated": ("ds/mp_rank_00_model_states.pt", "truncate"),
+    "ema missing": ("ema/rank_00001.pt", "delete"),
+    "ema truncated": ("ema/rank_00000.pt", "truncate"),
+    "data missing": ("data/rank_00001.pt", "delete"),
+    "data truncated": ("data/rank_00000.pt", "truncate"),
+    "state.json truncated": (ck.STATE, "truncate"),
+}
+
+
+def _damage(ckpt, rel, how):
+    path = ckpt / rel
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # flip bytes in the middle of the file, size unchanged (bit rot)
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_manifest_names_each_kind_of_damaged_file(zero2_reference_run, tmp_path, damage):
+    ckpt = shutil.copytree(_step_dir(zero2_reference_run, 8), tmp_path / "step_000000008")
+    manifest = ck.read_manifest(ckpt)
+    every = sorted(manifest)
+    assert set(every) == set(ck.checkpoint_files(ckpt))  # every file is covered
+    assert ck.verify_files(ckpt, manifest, every) == []
+    rel, how = DAMAGES[damage]
+    _damage(ckpt, rel, how)
+    problems = ck.verify_files(ckpt, manifest, every)
+    assert len(problems) == 1 and problems[0].startswith(str(ckpt / rel)), problems
+    # Each rank checks a disjoint share; together they cover every file.
+    assert sorted(ck.share(every, 0, 2) + ck.share(every, 1, 2)) == every
+
+
+def test_damaged_checkpoints_are_set_aside_and_resume_falls_back_bit_exact(
+        zero2_reference_run, tmp_path):
+    run = shutil.copytree(zero2_reference_run, tmp_path / "run")
+    for step in (1, 2, 3, 4):  # not needed: keeps the copy and the scan small
+        shutil.rmtree(_step_dir(run, step))
+    _damage(_step_dir(run, 8), OPTIM, "flip")
+    _damage(_step_dir(run, 7), ck.STATE, "truncate")
+    _damage(_step_dir(run, 6), "ema/rank_00001.pt", "delete")
+    proc = run_train(run, ["train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=100"])
+    assert proc.returncode == 0, explain(proc)
+    for step, rel in ((8, OPTIM), (7, ck.STATE), (6, "ema/rank_00001.pt")):
+        aside = ck.checkpoints_dir(run) / (ck.step_dir_name(step) + ck.CORRUPT_SUFFIX)
+        assert aside.is_dir() and (aside / ck.MARKER).is_file()  # renamed, not deleted
+        lines = [ln for ln in proc.stderr.splitlines() if "damaged checkpoint" in ln]
+        assert sum(str(_step_dir(run, step) / rel) in ln for ln in lines) == 1, proc.stderr
+    assert "resumed from" in proc.stderr and "step_000000005" in proc.stderr
+    # Steps 6-8 retrained from step 5 equal the uninterrupted run's, bit for bit.
+    ref, got = consolidate_model(_step_dir(zero2_reference_run, 8)), consolidate_model(
+        _step_dir(run, 8))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    ref_ema, got_ema = (consolidate_ema(_step_dir(zero2_reference_run, 8)),
+                        consolidate_ema(_step_dir(run, 8)))
+    for k in ref_ema:
+        assert torch.equal(ref_ema[k], got_ema[k]), k
+    assert (ck.checkpoints_dir(run) / ck.LATEST).read_text().strip() == "step_000000008"
