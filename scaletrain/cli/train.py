@@ -17,6 +17,7 @@ from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
 from scaletrain.core.log import setup_logging
 from scaletrain.launch.local import launch_local
+from scaletrain.train.checkpoint import CheckpointWriteError
 from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
 
@@ -50,6 +51,9 @@ def main(args: argparse.Namespace) -> int:
         outcome = run_training(cfg, args.run_dir)
     except NonFiniteTrainingError as exc:
         log.error("%s", exc)
+        return EXIT_FAILED
+    except CheckpointWriteError as exc:  # every rank raises it; rank 0 says it once
+        log.log(logging.ERROR if rank == 0 else logging.DEBUG, "%s", exc)
         return EXIT_FAILED
     except ConfigError as exc:
         if rank != 0:  # every rank finds the same problem; rank 0 prints it

@@ -34,6 +34,7 @@ are re-sliced, the loader states merged; RNG states are per rank and start afres
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -162,6 +163,28 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(d)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); its partial copy is gone."""
+
+
+def _is_disk_full(exc: BaseException, root: Path, needed: int) -> bool:
+    """ENOSPC, or a C++ stream error (torch.save reports ENOSPC as "basic_ios::clear:
+    iostream error" or "file write failed") while the file system has less room left than
+    one more checkpoint."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(root).free < max(needed, 1)
+    except OSError:
+        return False
+
+
+def checkpoint_bytes(ckpt: Path | None) -> int:
+    """The size of a complete checkpoint by its manifest (0 without one)."""
+    manifest = read_manifest(ckpt) if ckpt is not None else None
+    return sum(int(f.get("size", 0)) for f in (manifest or {}).values())
+
+
 class CheckpointManager:
     """Saves and restores the engine, the train state and the per-rank objects of one run.
 
@@ -272,18 +295,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step from every rank."""
-        step = self.train_state.step
-        final = self.root / step_dir_name(step)
-        tmp = self.root / (TMP_PREFIX + final.name)
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash during an earlier attempt
-            for kind in self.per_rank:
-                (tmp / kind).mkdir(parents=True)
-        dist.barrier()
+    def _write_parts(self, tmp: Path) -> None:
+        """This rank's files of the checkpoint (rank 0 also the run's state and config)."""
         # The universal-checkpoint info lets ds_to_universal convert this checkpoint when
         # the run resumes on a different number of ranks.
         self.engine.save_checkpoint(
@@ -298,11 +311,60 @@ class CheckpointManager:
                      "zero_stage": self.zero_stage, **self.run_info()}
             atomic_write(tmp / "config.yaml", self.config_yaml)
             atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
+
+    def _abandon(self, tmp: Path, error: BaseException | None, first: str) -> None:
+        """Remove a partial checkpoint (rank 0) and raise one error on every rank."""
+        written = 0
+        if self.rank == 0:
+            written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        # Every file is written: each rank fsyncs and hashes its share (one read of
-        # 1/world of the bytes, mostly from the page cache), rank 0 collects the manifest.
-        rels = _broadcast(checkpoint_files(tmp) if self.rank == 0 else None)
-        hashes = _all_gather(hash_files(tmp, share(rels, self.rank, self.world_size)))
+        # The newest checkpoint's size is what one more needs; without one, what this
+        # attempt had written is a lower bound.
+        needed = max(checkpoint_bytes(find_latest(self.run_dir)), written)
+        if _is_disk_full(error or OSError(first), self.root, needed):
+            msg = (f"disk full at {self.root} ({needed} bytes needed for a checkpoint, "
+                   f"{shutil.disk_usage(self.root).free} free); the partial checkpoint "
+                   f"{tmp.name} was removed")
+        else:
+            msg = f"could not write checkpoint {tmp}: {error or first}; it was removed"
+        raise CheckpointWriteError(msg) from error
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step from every rank."""
+        step = self.train_state.step
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (TMP_PREFIX + final.name)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier attempt
+            for kind in self.per_rank:
+                (tmp / kind).mkdir(parents=True)
+        dist.barrier()
+        # A failed write on any rank (disk full) is agreed on by all ranks: the partial
+        # directory is removed (it would keep the disk full for the restart) and every
+        # rank raises the same one-line error.
+        hashes: dict[str, Any] = {}
+        error = None
+        try:
+            self._write_parts(tmp)
+        except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
+            log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
+            error = exc
+        errors = _all_gather(None if error is None else repr(error))
+        if error is None and not any(errors):
+            # Every file is written: each rank fsyncs and hashes its share (one read of
+            # 1/world of the bytes, mostly from the page cache), rank 0 collects them.
+            rels = _broadcast(checkpoint_files(tmp) if self.rank == 0 else None)
+            try:
+                hashes = hash_files(tmp, share(rels, self.rank, self.world_size))
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+            errors = _all_gather(None if error is None else repr(error))
+        if any(errors):
+            self._abandon(tmp, error, next(e for e in errors if e))
+        hashes = _all_gather(hashes)
         if self.rank == 0:
             files = {rel: h for part in hashes for rel, h in part.items()}
             atomic_write_json(tmp / MANIFEST, {"files": files})

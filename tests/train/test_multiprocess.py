@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -275,3 +277,31 @@ def test_damaged_checkpoints_are_set_aside_and_resume_falls_back_bit_exact(
     for k in ref_ema:
         assert torch.equal(ref_ema[k], got_ema[k]), k
     assert (ck.checkpoints_dir(run) / ck.LATEST).read_text().strip() == "step_000000008"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: room for two checkpoints of the toy model, not three."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_during_a_save_removes_the_partial_checkpoint_and_says_so(small_disk):
+    run = small_disk / "run"
+    proc = run_train(run, ["train.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=100"])
+    assert proc.returncode == 1, explain(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if "disk full at" in ln]
+    assert len(lines) == 1, proc.stderr  # once, from rank 0
+    assert re.search(rf"disk full at {re.escape(str(ck.checkpoints_dir(run)))} \(\d+ bytes "
+                     "needed", lines[0]), lines[0]
+    assert "iostream error" not in proc.stderr
+    assert not list(ck.checkpoints_dir(run).glob(ck.TMP_PREFIX + "*"))  # partial save gone
+    done = ck.complete_checkpoints(run)
+    assert done and all(ck.verify_files(p, ck.read_manifest(p), sorted(ck.read_manifest(p)))
+                        == [] for p in done)
