@@ -16,6 +16,7 @@ from scaletrain.cli.common import add_config_arguments, resolve_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
 from scaletrain.core.log import setup_logging
+from scaletrain.core.run_dir import RunDirBusy
 from scaletrain.launch.local import launch_local
 from scaletrain.train.checkpoint import CheckpointWriteError
 from scaletrain.train.init_weights import check_init_source
@@ -52,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteTrainingError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    except CheckpointWriteError as exc:  # every rank raises it; rank 0 says it once
+    except (CheckpointWriteError, RunDirBusy) as exc:  # rank 0 says it once
         log.log(logging.ERROR if rank == 0 else logging.DEBUG, "%s", exc)
         return EXIT_FAILED
     except ConfigError as exc:

@@ -19,8 +19,13 @@ stale ``latest``) cannot lose a step.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ LATEST = "latest"
 MARKER = "COMPLETE"
 STATE = "state.json"
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held (flock) by the training that owns the run dir
 CORRUPT_SUFFIX = ".corrupt"
 TMP_PREFIX = ".tmp_"
 STEP_PREFIX = "step_"
@@ -189,3 +195,37 @@ def set_aside(ckpt: Path) -> Path:
         target = ckpt.with_name(f"{ckpt.name}{CORRUPT_SUFFIX}-{n}")
     ckpt.rename(target)
     return target
+
+
+# --------------------------------------------------------------------------- run lock
+
+
+class RunDirBusy(RuntimeError):
+    """Another training holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive flock on ``RUN_DIR/.lock`` for the life of a training, so that a
+    second training on the same run dir (an orphan of a killed launcher, a double submit)
+    is refused instead of interleaving checkpoints. The lock dies with its process, so a
+    crash never leaves a stale lock; the file (never deleted: that would race) names the
+    holder for the refusal message."""
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise RunDirBusy(
+                f"{run_dir} is in use by another training ({holder}); stop it or use "
+                "another --run-dir") from None
+        started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n"
+                  .encode(), 0)
+        yield path
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ by a signal); else EXIT_REQUEUE if any worker was preempted; else 0.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -50,6 +51,24 @@ def worker_env(rank: int, nproc: int, port: int, base: Mapping[str, str]) -> dic
     return env
 
 
+def die_with_parent(parent_pid: int):
+    """A ``preexec_fn`` that makes the kernel SIGKILL the child when the launcher dies
+    (prctl PR_SET_PDEATHSIG; Linux only, a no-op elsewhere): a launcher killed with
+    SIGKILL cannot stop its ranks, which would otherwise train on as orphans."""
+    def set_pdeathsig() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os._exit(1)
+    return set_pdeathsig
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _status(code: int) -> int:
     return 128 - code if code < 0 else code  # Popen reports death by signal N as -N
 
@@ -65,7 +84,9 @@ def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None 
     base = dict(os.environ if env is None else env)
     port = free_port()
     cmd = [*(program or (sys.executable, "-m", "scaletrain.cli")), *argv]
-    procs = [subprocess.Popen(cmd, env=worker_env(r, nproc, port, base)) for r in range(nproc)]
+    procs = [subprocess.Popen(cmd, env=worker_env(r, nproc, port, base),
+                              preexec_fn=die_with_parent(os.getpid()))
+             for r in range(nproc)]
 
     def forward(signum, _frame):
         for p in procs:

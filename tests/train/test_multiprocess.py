@@ -6,6 +6,7 @@ engine alone; test_real_components.py runs the tiny U-Net and MMDiT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -305,3 +306,47 @@ def test_disk_full_during_a_save_removes_the_partial_checkpoint_and_says_so(smal
     done = ck.complete_checkpoints(run)
     assert done and all(ck.verify_files(p, ck.read_manifest(p), sorted(ck.read_manifest(p)))
                         == [] for p in done)
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_second_training_on_a_run_dir_refuses_and_orphans_die_with_their_launcher(tmp_path):
+    first = start_train(tmp_path, ["train.max_steps=100000", "checkpoint.every=100000",
+                                   "logging.every=2"], log_path=tmp_path / "log.txt")
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        started = _wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 420, first)
+        assert started, (tmp_path / "log.txt").read_text()[-5000:]
+        ranks = _children(first.pid)
+        assert len(ranks) == 2
+        second = run_train(tmp_path, ["train.max_steps=2"])
+        assert second.returncode == 1, explain(second)
+        refusals = [ln for ln in second.stderr.splitlines() if "is in use by another" in ln]
+        assert len(refusals) == 1, second.stderr
+        # The holder is rank 0 of the first training (the rank that took the lock).
+        assert any(f"pid {pid} on" in refusals[0] for pid in ranks), refusals[0]
+        # SIGKILL to the launcher alone: the kernel kills its ranks (parent-death signal).
+        first.kill()
+        first.wait(timeout=30)
+        gone = _wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and
+                                         "Z" not in _proc_state(p) for p in ranks), 60)
+        assert gone, f"ranks {ranks} outlived their launcher"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
+    with ck.run_lock(tmp_path):  # the lock went with its holder
+        pass
+
+
+def _proc_state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
