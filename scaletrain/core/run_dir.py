@@ -24,6 +24,7 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,5 +228,53 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n"
                   .encode(), 0)
         yield path
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class CheckpointGone(FileNotFoundError):
+    """A checkpoint was removed (pruned by its training) before or while it was read."""
+
+
+@contextlib.contextmanager
+def reading(ckpt: Path) -> Iterator[Path]:
+    """Hold a shared flock on a checkpoint's marker while reading it (export, evaluation):
+    pruning skips a checkpoint that is being read (:func:`delete_unless_read`)."""
+    try:
+        fd = os.open(Path(ckpt) / MARKER, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointGone(pruned_message(ckpt)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not (Path(ckpt) / MARKER).is_file():  # deleted between the open and the lock
+            raise CheckpointGone(pruned_message(ckpt))
+        yield Path(ckpt)
+    finally:
+        os.close(fd)
+
+
+def pruned_message(ckpt: Path) -> str:
+    return (f"{ckpt} was pruned (checkpoint.keep_last) by the training that owns the run "
+            "while it was being read; export a newer --step")
+
+
+def delete_unless_read(ckpt: Path) -> bool:
+    """Delete a checkpoint unless a reader holds it (:func:`reading`); True if deleted."""
+    try:
+        fd = os.open(ckpt / MARKER, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        # The marker goes first, so a reader that opens it later sees the checkpoint gone.
+        (ckpt / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return True
     finally:
         os.close(fd)

@@ -62,6 +62,7 @@ from scaletrain.core.run_dir import (
     checkpoint_step,
     checkpoints_dir,
     complete_checkpoints,
+    delete_unless_read,
     find_latest,
     hash_files,
     rank_file,
@@ -399,7 +400,8 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints and stale temp dirs."""
     done = complete_checkpoints(run_dir)
     for path in done[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if not delete_unless_read(path):
+            log.info("%s is being read (export or evaluation); it is pruned later", path)
     newest = checkpoint_step(done[-1]) if done else -1
     for path in checkpoints_dir(run_dir).glob(TMP_PREFIX + "step_*"):
         step = checkpoint_step(path.with_name(path.name[len(TMP_PREFIX):]))

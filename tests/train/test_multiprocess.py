@@ -350,3 +350,20 @@ def _proc_state(pid):
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_export_names_a_missing_ema_shard_and_a_pruned_checkpoint(zero2_reference_run, tmp_path):
+    from scaletrain.export.writer import ExportError, consolidated_weights, export_checkpoint
+
+    ckpt = shutil.copytree(_step_dir(zero2_reference_run, 8), tmp_path / "step_000000008")
+    (ckpt / "ema/rank_00001.pt").unlink()
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(ckpt, tmp_path / "out", weights="ema")
+    assert str(ckpt / "ema/rank_00001.pt") in str(err.value)
+    assert "EMA shard missing" in str(err.value) and "--weights raw" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    shutil.rmtree(ckpt)  # what a training's pruning does between resolving and reading
+    for weights in ("ema", "raw"):
+        with pytest.raises(ExportError, match="was pruned") as err:
+            consolidated_weights(ckpt, weights)
+        assert "--weights raw" not in str(err.value)
