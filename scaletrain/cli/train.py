@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         check_init_source(cfg, args.run_dir)
         argv = ["train", args.config, "--run-dir", args.run_dir, "--log-level",
                 args.log_level, *args.overrides]
-        return launch_local(argv, args.nproc)
+        return launch_local(argv, args.nproc, hold_signals=True)
 
     rank = dist_env_from_environ().rank
     setup_logging(args.log_level, rank=rank)
