@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from scaletrain.core.config_base import ConfigError
+from scaletrain.core.signals import install_early_handlers
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaletrain: unknown subcommand {argv[0]!r}", file=sys.stderr)
         return 2
     sub = by_name[argv[0]]
+    if sub.name == "train":
+        # Before the slow imports: a stop signal during start-up must end in a checkpoint
+        # and the requeue status, not in death by signal.
+        install_early_handlers()
     module = importlib.import_module(sub.module)
     parser = argparse.ArgumentParser(prog=f"scaletrain {sub.name}", description=sub.summary)
     module.add_arguments(parser)

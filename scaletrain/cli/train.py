@@ -20,8 +20,9 @@ from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
 from scaletrain.core.log import FILE_ONLY, add_log_file, setup_logging
-from scaletrain.core.run_dir import TRAIN_LOG, checkpoints_dir, find_latest
+from scaletrain.core.run_dir import TRAIN_LOG, RunDirBusy, checkpoints_dir, find_latest
 from scaletrain.launch.local import launch_local
+from scaletrain.train.checkpoint import CheckpointWriteError
 from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
 from scaletrain.train.preflight import check_data, check_run_dir
@@ -58,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         check_init_source(cfg, args.run_dir)
         argv = ["train", args.config, "--run-dir", args.run_dir, "--log-level",
                 args.log_level, *args.overrides]
-        return launch_local(argv, args.nproc)
+        return launch_local(argv, args.nproc, hold_signals=True)
 
     rank = dist_env_from_environ().rank
     setup_logging(args.log_level, rank=rank)
@@ -77,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
         outcome = run_training(cfg, args.run_dir)
     except NonFiniteTrainingError as exc:
         log.error("%s", exc)
+        return EXIT_FAILED
+    except (CheckpointWriteError, RunDirBusy) as exc:  # rank 0 says it once
+        log.log(logging.ERROR if rank == 0 else logging.DEBUG, "%s", exc)
         return EXIT_FAILED
     except ConfigError as exc:
         if rank != 0:  # every rank finds the same problem; rank 0 prints it

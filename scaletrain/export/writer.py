@@ -28,7 +28,16 @@ from safetensors.torch import save_file
 from scaletrain import __version__
 from scaletrain.core.config_base import ConfigError, from_dict, load_yaml, to_dict
 from scaletrain.core.files import readable_per_umask
-from scaletrain.core.run_dir import CHECKPOINTS, read_state, resolve_checkpoint
+from scaletrain.core.run_dir import (
+    CHECKPOINTS,
+    MARKER,
+    CheckpointGone,
+    pruned_message,
+    read_manifest,
+    read_state,
+    reading,
+    resolve_checkpoint,
+)
 from scaletrain.data.loader.config import DataConfig
 from scaletrain.data.preprocess.config import PreprocessConfig
 from scaletrain.data.shard_format import read_index
@@ -389,14 +398,41 @@ def export_state_dict(
 
 
 def consolidated_weights(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a complete checkpoint directory: the EMA or the raw master weights."""
+    """Full fp32 weights of a complete checkpoint directory: the EMA or the raw master weights.
+
+    Read under :func:`reading`, so a training that prunes checkpoints leaves this one until
+    the read is done; one that was pruned before, or a missing shard, is one clear error."""
     try:
-        if weights == "ema":
-            return consolidate_ema(checkpoint)
-        return consolidate_model(checkpoint)
-    except FileNotFoundError as exc:
-        hint = " (try --weights raw)" if weights == "ema" else ""
+        with reading(checkpoint):
+            check_files_present(checkpoint, "ema/" if weights == "ema" else "ds/")
+            if weights == "ema":
+                return consolidate_ema(checkpoint)
+            return consolidate_model(checkpoint)
+    except CheckpointGone as exc:
+        raise ExportError(str(exc)) from exc
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        if not (checkpoint / MARKER).is_file():  # removed mid-read by an older trainer
+            raise ExportError(pruned_message(checkpoint)) from exc
+        no_ema = weights == "ema" and not (checkpoint / "ema").is_dir()
+        hint = " (try --weights raw)" if no_ema else ""
         raise ExportError(f"{exc}{hint}") from exc
+
+
+def check_files_present(ckpt: Path, prefix: str) -> None:
+    """Every file under ``prefix`` the checkpoint's manifest lists is there at its size
+    (a stat each; the full checksums are the resume's job)."""
+    manifest = read_manifest(ckpt) or {}
+    for rel, meta in sorted(manifest.items()):
+        path = ckpt / rel
+        if not rel.startswith(prefix):
+            continue
+        if not path.is_file():
+            kind = "EMA shard" if prefix == "ema/" else "file"
+            raise ExportError(f"{path}: {kind} missing, the checkpoint is damaged; export "
+                              "another --step")
+        if path.stat().st_size != meta.get("size"):
+            raise ExportError(f"{path}: {path.stat().st_size} bytes, {meta.get('size')} "
+                              "expected; the checkpoint is damaged; export another --step")
 
 
 def export_checkpoint(

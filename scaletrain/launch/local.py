@@ -5,7 +5,8 @@ WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTE
 lets their output stream through (they inherit stdout/stderr), and waits. If one worker
 fails the others are killed at once: a survivor would otherwise block forever in a
 collective waiting for its dead peer. SIGTERM/SIGUSR1/SIGINT sent to the launcher are
-forwarded to the workers, which checkpoint and exit with EXIT_REQUEUE.
+forwarded to the workers, which checkpoint and exit with EXIT_REQUEUE; a second SIGINT
+(Ctrl-C twice) kills them at once (status 130).
 
 Combined exit status: the first failure's status (128 + signal number for a worker killed
 by a signal); else EXIT_REQUEUE if any worker was preempted; else 0.
@@ -13,6 +14,7 @@ by a signal); else EXIT_REQUEUE if any worker was preempted; else 0.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from scaletrain.core.dist_env import EXIT_REQUEUE, free_port
+from scaletrain.core.signals import block_stop_signals, early_request
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +53,68 @@ def worker_env(rank: int, nproc: int, port: int, base: Mapping[str, str]) -> dic
     return env
 
 
+def rank_preexec(parent_pid: int, hold: bool):
+    """A ``preexec_fn`` that makes the kernel SIGKILL the child when the launcher dies
+    (prctl PR_SET_PDEATHSIG; Linux only, a no-op elsewhere): a launcher killed with
+    SIGKILL cannot stop its ranks, which would otherwise train on as orphans. With ``hold``
+    stop signals are blocked until the rank installs its handlers (scaletrain's CLI does)."""
+    def set_pdeathsig() -> None:
+        if hold:
+            block_stop_signals()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os._exit(1)
+    return set_pdeathsig
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _status(code: int) -> int:
     return 128 - code if code < 0 else code  # Popen reports death by signal N as -N
 
 
 def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None = None,
-                 poll_s: float = 0.2, program: Sequence[str] | None = None) -> int:
+                 poll_s: float = 0.2, program: Sequence[str] | None = None,
+                 hold_signals: bool = False) -> int:
     """Run ``python -m scaletrain.cli *argv`` as ``nproc`` ranks; return the combined status.
 
     ``program`` replaces ``python -m scaletrain.cli`` (tests run small scripts instead).
+    ``hold_signals``: the ranks start with stop signals blocked and unblock them once their
+    handlers are in (``scaletrain train`` does, first thing).
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     base = dict(os.environ if env is None else env)
     port = free_port()
     cmd = [*(program or (sys.executable, "-m", "scaletrain.cli")), *argv]
-    procs = [subprocess.Popen(cmd, env=worker_env(r, nproc, port, base)) for r in range(nproc)]
+    if early_request() is not None:  # stopped before any rank started: nothing to save
+        log.warning("received %s before the ranks started; exiting for requeue",
+                    early_request().name)
+        return EXIT_REQUEUE
+    procs = [subprocess.Popen(cmd, env=worker_env(r, nproc, port, base),
+                              preexec_fn=rank_preexec(os.getpid(), hold=hold_signals))
+             for r in range(nproc)]
+    interrupts: list[int] = []
 
     def forward(signum, _frame):
+        interrupts.append(signum)
+        if interrupts.count(signal.SIGINT) >= 2:  # a second Ctrl-C: stop at once
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            return
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    if early_request() is not None:  # arrived while the ranks were being started
+        forward(early_request(), None)
     codes: dict[int, int] = {}
     failure: int | None = None
     try:
@@ -96,6 +138,9 @@ def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None 
                 p.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if interrupts.count(signal.SIGINT) >= 2:
+        log.warning("interrupted twice: ranks stopped without a checkpoint")
+        return 128 + signal.SIGINT
     if failure is not None:
         return failure
     return EXIT_REQUEUE if EXIT_REQUEUE in codes.values() else 0

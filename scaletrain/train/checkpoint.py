@@ -10,12 +10,19 @@ Layout of one checkpoint (``run_dir/checkpoints/step_{N:09d}/``)::
     rng/rank_{r:05d}.pt      torch / numpy / python RNG states of rank r
     state.json               step, samples_seen, world_size, zero_stage, skipped steps, ...
     config.yaml              the resolved config of the run that wrote it
+    manifest.json            size and sha256 of every file above
     COMPLETE                 the completion marker, written last
 
-It is written under ``.tmp_step_{N:09d}``; once every rank has written its part, rank 0
-writes the marker and renames the directory, then rewrites ``checkpoints/latest`` (a file
-naming the newest complete directory). A directory without its marker (a crash mid-write)
-is never loaded. Only the newest ``keep_last`` complete checkpoints are kept.
+It is written under ``.tmp_step_{N:09d}``; once every rank has written its part, the ranks
+fsync and hash a round-robin share of the files each, rank 0 writes the manifest, fsyncs every
+directory, writes the marker, renames the directory and fsyncs its parent, then rewrites
+``checkpoints/latest`` (a file naming the newest complete directory). A directory without
+its marker (a crash mid-write) is never loaded; after a power loss a directory with its
+marker has all its bytes. Only the newest ``keep_last`` complete checkpoints are kept.
+
+``restore`` verifies the newest complete checkpoint against its manifest (each rank reads
+its share); a damaged one is named in one line, renamed to ``step_N.corrupt`` (never
+deleted) and the next older one is tried.
 
 :class:`CheckpointManager` holds the engine (model + optimizer, saved by DeepSpeed), the
 train state (``state.json``) and a dict of per-rank stateful objects (EMA, loader, RNG),
@@ -27,8 +34,10 @@ are re-sliced, the loader states merged; RNG states are per rank and start afres
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -42,20 +51,28 @@ import torch.distributed as dist
 
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import import_deepspeed
-from scaletrain.core.files import atomic_write
+from scaletrain.core.files import atomic_write, atomic_write_json, fsync_dir
 from scaletrain.core.run_dir import (
     LATEST,
+    MANIFEST,
     MARKER,
     STATE,
     TMP_PREFIX,
+    checkpoint_files,
     checkpoint_step,
     checkpoints_dir,
     complete_checkpoints,
+    delete_unless_read,
     find_latest,
+    hash_files,
     rank_file,
     rank_files,
+    read_manifest,
     read_state,
+    set_aside,
+    share,
     step_dir_name,
+    verify_files,
 )
 from scaletrain.data.loader import NeedsGlobalState, merge_states
 from scaletrain.export.consolidate import DS_TAG, convert_to_universal
@@ -133,6 +150,42 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every directory under ``root`` (deepest first) and ``root`` itself, so that the
+    entries of the files in them survive a power loss."""
+    dirs = [Path(d) for d, _, _ in os.walk(root)]
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); its partial copy is gone."""
+
+
+def _is_disk_full(exc: BaseException, root: Path, needed: int) -> bool:
+    """ENOSPC, or a C++ stream error (torch.save reports ENOSPC as "basic_ios::clear:
+    iostream error" or "file write failed") while the file system has less room left than
+    one more checkpoint."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(root).free < max(needed, 1)
+    except OSError:
+        return False
+
+
+def checkpoint_bytes(ckpt: Path | None) -> int:
+    """The size of a complete checkpoint by its manifest (0 without one)."""
+    manifest = read_manifest(ckpt) if ckpt is not None else None
+    return sum(int(f.get("size", 0)) for f in (manifest or {}).values())
+
+
 class CheckpointManager:
     """Saves and restores the engine, the train state and the per-rank objects of one run.
 
@@ -161,11 +214,11 @@ class CheckpointManager:
         Returns the checkpoint directory, or None for a fresh start. A checkpoint written by
         another number of ranks is converted to DeepSpeed's universal format first (once,
         by rank 0); it must have been written under the same ZeRO stage."""
-        found = find_latest(self.run_dir) if self.cfg.resume and self.rank == 0 else None
-        found = _broadcast(str(found) if found is not None else None)
-        if found is None:
+        if not self.cfg.resume:
             return None
-        ckpt = Path(found)
+        ckpt = self._newest_verified()
+        if ckpt is None:
+            return None
         saved = read_state(ckpt)
         check_same_stage(ckpt, saved, self.zero_stage)
         same_world = saved["world_size"] == self.world_size
@@ -190,6 +243,44 @@ class CheckpointManager:
                  "" if same_world else f", world size {saved['world_size']} -> {self.world_size}")
         return ckpt
 
+    def _newest_verified(self) -> Path | None:
+        """The newest complete checkpoint whose files match its manifest. A damaged one is
+        reported in one line, set aside as ``step_N.corrupt`` and the next older one tried;
+        ``latest`` is rewritten to name the one chosen. Every rank checks its share."""
+        set_aside_any = False
+        while True:
+            found = find_latest(self.run_dir) if self.rank == 0 else None
+            found = _broadcast(str(found) if found is not None else None)
+            if found is None:
+                break
+            ckpt = Path(found)
+            manifest = read_manifest(ckpt)
+            if manifest is None:
+                # Written before manifests existed: nothing to check against.
+                if self.rank == 0:
+                    log.warning("%s has no %s: resuming without verifying it", ckpt, MANIFEST)
+                break
+            mine = verify_files(ckpt, manifest, share(sorted(manifest), self.rank,
+                                                      self.world_size))
+            problems = sorted({p for ps in _all_gather(mine) for p in ps})
+            if not problems:
+                break
+            if self.rank == 0:
+                aside = set_aside(ckpt)
+                more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""
+                log.error("damaged checkpoint: %s%s; set aside as %s, trying the previous "
+                          "checkpoint", problems[0], more, aside.name)
+                set_aside_any = True
+            dist.barrier()
+        if self.rank == 0 and set_aside_any:
+            latest = self.root / LATEST
+            if found is not None:
+                atomic_write(latest, Path(found).name + "\n", durable=True)
+            else:
+                latest.unlink(missing_ok=True)
+                log.error("no checkpoint in %s verifies; starting from scratch", self.root)
+        return Path(found) if found is not None else None
+
     def _load_engine(self, ckpt: Path, universal: bool) -> None:
         """Model weights, fp32 master weights and optimizer state into the built engine."""
         # DeepSpeed reads this flag only when loading; setting it here (rather than in the
@@ -205,6 +296,41 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
+    def _write_parts(self, tmp: Path) -> None:
+        """This rank's files of the checkpoint (rank 0 also the run's state and config)."""
+        # The universal-checkpoint info lets ds_to_universal convert this checkpoint when
+        # the run resumes on a different number of ranks.
+        self.engine.save_checkpoint(
+            str(tmp), tag=DS_TAG, save_latest=False,
+            client_state={UNIVERSAL_CHECKPOINT_INFO: {
+                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
+        )
+        for kind, obj in self.per_rank.items():
+            torch.save(obj.state_dict(), tmp / rank_file(kind, self.rank))
+        if self.rank == 0:
+            state = {**asdict(self.train_state), "world_size": self.world_size,
+                     "zero_stage": self.zero_stage, **self.run_info()}
+            atomic_write(tmp / "config.yaml", self.config_yaml)
+            atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
+
+    def _abandon(self, tmp: Path, error: BaseException | None, first: str) -> None:
+        """Remove a partial checkpoint (rank 0) and raise one error on every rank."""
+        written = 0
+        if self.rank == 0:
+            written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        # The newest checkpoint's size is what one more needs; without one, what this
+        # attempt had written is a lower bound.
+        needed = max(checkpoint_bytes(find_latest(self.run_dir)), written)
+        if _is_disk_full(error or OSError(first), self.root, needed):
+            msg = (f"disk full at {self.root} ({needed} bytes needed for a checkpoint, "
+                   f"{shutil.disk_usage(self.root).free} free); the partial checkpoint "
+                   f"{tmp.name} was removed")
+        else:
+            msg = f"could not write checkpoint {tmp}: {error or first}; it was removed"
+        raise CheckpointWriteError(msg) from error
+
     def save(self) -> Path:
         """Write a checkpoint of the current step from every rank."""
         step = self.train_state.step
@@ -217,25 +343,40 @@ class CheckpointManager:
             for kind in self.per_rank:
                 (tmp / kind).mkdir(parents=True)
         dist.barrier()
-        # The universal-checkpoint info lets ds_to_universal convert this checkpoint when
-        # the run resumes on a different number of ranks.
-        self.engine.save_checkpoint(
-            str(tmp), tag=DS_TAG, save_latest=False,
-            client_state={UNIVERSAL_CHECKPOINT_INFO: {
-                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
-        )
-        for kind, obj in self.per_rank.items():
-            torch.save(obj.state_dict(), tmp / rank_file(kind, self.rank))
-        dist.barrier()
+        # A failed write on any rank (disk full) is agreed on by all ranks: the partial
+        # directory is removed (it would keep the disk full for the restart) and every
+        # rank raises the same one-line error.
+        hashes: dict[str, Any] = {}
+        error = None
+        try:
+            self._write_parts(tmp)
+        except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
+            log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
+            error = exc
+        errors = _all_gather(None if error is None else repr(error))
+        if error is None and not any(errors):
+            # Every file is written: each rank fsyncs and hashes its share (one read of
+            # 1/world of the bytes, mostly from the page cache), rank 0 collects them.
+            rels = _broadcast(checkpoint_files(tmp) if self.rank == 0 else None)
+            try:
+                hashes = hash_files(tmp, share(rels, self.rank, self.world_size))
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+            errors = _all_gather(None if error is None else repr(error))
+        if any(errors):
+            self._abandon(tmp, error, next(e for e in errors if e))
+        hashes = _all_gather(hashes)
         if self.rank == 0:
-            state = {**asdict(self.train_state), "world_size": self.world_size,
-                     "zero_stage": self.zero_stage, **self.run_info()}
-            atomic_write(tmp / "config.yaml", self.config_yaml, durable=True)
-            atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True), durable=True)
+            files = {rel: h for part in hashes for rel, h in part.items()}
+            atomic_write_json(tmp / MANIFEST, {"files": files})
+            # Order matters for a power loss: file contents (fsynced above), then every
+            # directory entry, then the marker, then the rename, then the parent's entry.
+            fsync_tree(tmp)
             atomic_write(tmp / MARKER, f"{step}\n", durable=True)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            fsync_dir(self.root)
             atomic_write(self.root / LATEST, final.name + "\n", durable=True)
             prune(self.run_dir, self.cfg.keep_last)
             log.info("checkpoint saved: %s", final)
@@ -259,7 +400,8 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints and stale temp dirs."""
     done = complete_checkpoints(run_dir)
     for path in done[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if not delete_unless_read(path):
+            log.info("%s is being read (export or evaluation); it is pruned later", path)
     newest = checkpoint_step(done[-1]) if done else -1
     for path in checkpoints_dir(run_dir).glob(TMP_PREFIX + "step_*"):
         step = checkpoint_step(path.with_name(path.name[len(TMP_PREFIX):]))

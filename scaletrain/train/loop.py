@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from scaletrain.core.config_base import dump_yaml, save_config, to_dict
 from scaletrain.core.dist_env import dist_env_from_environ
-from scaletrain.core.run_dir import checkpoints_dir, eval_dir
+from scaletrain.core.run_dir import checkpoints_dir, eval_dir, run_lock
 from scaletrain.data.loader import build_train_loader
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.conditioning import ModelFn, cast_inputs, make_model_fn
@@ -139,7 +139,8 @@ def run_training(cfg, run_dir: str | Path) -> TrainOutcome:
     env = dist_env_from_environ()
     # Handlers first: a SIGTERM during the (slow) start-up must not kill the process; the
     # flag is honoured at the first step boundary.
-    with PreemptionFlag() as preempt:
+    with PreemptionFlag() as preempt, (run_lock(run_dir) if env.rank == 0
+                                        else contextlib.nullcontext()):
         device = init_distributed(cfg.train, env)
         try:
             return Trainer(cfg, Path(run_dir), env.rank, env.world_size, device, preempt).fit()

@@ -1,6 +1,7 @@
 """Preemption: a signal asks the loop to checkpoint at the next step boundary and stop.
 
-SLURM sends SIGUSR1 (``--signal=USR1@T``) or SIGTERM before killing a job; a handler only
+SLURM sends SIGUSR1 (``--signal=USR1@T``) or SIGTERM before killing a job, Ctrl-C sends
+SIGINT (to the launcher, which forwards it, and to every rank); a handler only
 sets a flag, because saving inside a signal handler would interrupt collectives half-way.
 The loop all-reduces the flag (MAX) at each step boundary so every rank stops at the same
 step, saves, and returns "preempted"; the CLI then exits with EXIT_REQUEUE, which the
@@ -13,16 +14,23 @@ import logging
 import signal
 from types import FrameType
 
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+from scaletrain.core.signals import STOP_SIGNALS, early_request
+
+PREEMPT_SIGNALS = STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
 
 class PreemptionFlag:
-    """Install handlers for SIGUSR1/SIGTERM that record the request; restore on close()."""
+    """Install handlers for SIGUSR1/SIGTERM/SIGINT that record the request (or take over
+    one received during start-up); restore on close(). Repeats are ignored: one Ctrl-C
+    reaches a rank twice (from the terminal and from the launcher)."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPT_SIGNALS) -> None:
-        self.requested: signal.Signals | None = None
+        self.requested: signal.Signals | None = early_request()
+        if self.requested is not None:
+            log.warning("received %s during start-up: will checkpoint at the first step "
+                        "boundary and stop", self.requested.name)
         self._previous: dict[signal.Signals, object] = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)

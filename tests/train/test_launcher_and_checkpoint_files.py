@@ -81,3 +81,17 @@ def test_resume_needs_the_same_zero_stage(tmp_path):
     check_same_stage(tmp_path, saved, 2)
     with pytest.raises(ConfigError, match="train.zero_stage: .*ZeRO-2.*ZeRO-3"):
         check_same_stage(tmp_path, saved, 3)
+
+
+def test_prune_leaves_a_checkpoint_that_is_being_read(tmp_path):
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path, step)
+    with ck.reading(ck.checkpoints_dir(tmp_path) / "step_000000001"):
+        prune(tmp_path, keep_last=1)
+        assert [p.name for p in ck.complete_checkpoints(tmp_path)] == [
+            "step_000000001", "step_000000003"]
+    prune(tmp_path, keep_last=1)  # the read is over: pruned on the next save
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step_000000003"]
+    with pytest.raises(ck.CheckpointGone, match="was pruned"):
+        with ck.reading(ck.checkpoints_dir(tmp_path) / "step_000000002"):
+            pass

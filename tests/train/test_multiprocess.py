@@ -6,10 +6,13 @@ engine alone; test_real_components.py runs the tiny U-Net and MMDiT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -202,3 +205,165 @@ def test_sigterm_saves_a_checkpoint_and_exits_requeue(tmp_path):
     state = json.loads((latest / ck.STATE).read_text())
     assert 2 <= state["step"] < 100000
     assert (ck.checkpoints_dir(tmp_path) / ck.LATEST).read_text().strip() == latest.name
+
+
+# ----------------------------------------------------------------- damaged checkpoints
+
+OPTIM = "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+DAMAGES = {
+    "optimizer missing": (OPTIM, "delete"),
+    "optimizer truncated": (OPTIM, "truncate"),
+    "optimizer bytes flipped": (OPTIM, "flip"),
+    "model missing": ("ds/mp_rank_00_model_states.pt", "delete"),
+    "model truncated": ("ds/mp_rank_00_model_states.pt", "truncate"),
+    "ema missing": ("ema/rank_00001.pt", "delete"),
+    "ema truncated": ("ema/rank_00000.pt", "truncate"),
+    "data missing": ("data/rank_00001.pt", "delete"),
+    "data truncated": ("data/rank_00000.pt", "truncate"),
+    "state.json truncated": (ck.STATE, "truncate"),
+}
+
+
+def _damage(ckpt, rel, how):
+    path = ckpt / rel
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # flip bytes in the middle of the file, size unchanged (bit rot)
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_manifest_names_each_kind_of_damaged_file(zero2_reference_run, tmp_path, damage):
+    ckpt = shutil.copytree(_step_dir(zero2_reference_run, 8), tmp_path / "step_000000008")
+    manifest = ck.read_manifest(ckpt)
+    every = sorted(manifest)
+    assert set(every) == set(ck.checkpoint_files(ckpt))  # every file is covered
+    assert ck.verify_files(ckpt, manifest, every) == []
+    rel, how = DAMAGES[damage]
+    _damage(ckpt, rel, how)
+    problems = ck.verify_files(ckpt, manifest, every)
+    assert len(problems) == 1 and problems[0].startswith(str(ckpt / rel)), problems
+    # Each rank checks a disjoint share; together they cover every file.
+    assert sorted(ck.share(every, 0, 2) + ck.share(every, 1, 2)) == every
+
+
+def test_damaged_checkpoints_are_set_aside_and_resume_falls_back_bit_exact(
+        zero2_reference_run, tmp_path):
+    run = shutil.copytree(zero2_reference_run, tmp_path / "run")
+    for step in (1, 2, 3, 4):  # not needed: keeps the copy and the scan small
+        shutil.rmtree(_step_dir(run, step))
+    _damage(_step_dir(run, 8), OPTIM, "flip")
+    _damage(_step_dir(run, 7), ck.STATE, "truncate")
+    _damage(_step_dir(run, 6), "ema/rank_00001.pt", "delete")
+    proc = run_train(run, ["train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=100"])
+    assert proc.returncode == 0, explain(proc)
+    for step, rel in ((8, OPTIM), (7, ck.STATE), (6, "ema/rank_00001.pt")):
+        aside = ck.checkpoints_dir(run) / (ck.step_dir_name(step) + ck.CORRUPT_SUFFIX)
+        assert aside.is_dir() and (aside / ck.MARKER).is_file()  # renamed, not deleted
+        lines = [ln for ln in proc.stderr.splitlines() if "damaged checkpoint" in ln]
+        assert sum(str(_step_dir(run, step) / rel) in ln for ln in lines) == 1, proc.stderr
+    assert "resumed from" in proc.stderr and "step_000000005" in proc.stderr
+    # Steps 6-8 retrained from step 5 equal the uninterrupted run's, bit for bit.
+    ref, got = consolidate_model(_step_dir(zero2_reference_run, 8)), consolidate_model(
+        _step_dir(run, 8))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    ref_ema, got_ema = (consolidate_ema(_step_dir(zero2_reference_run, 8)),
+                        consolidate_ema(_step_dir(run, 8)))
+    for k in ref_ema:
+        assert torch.equal(ref_ema[k], got_ema[k]), k
+    assert (ck.checkpoints_dir(run) / ck.LATEST).read_text().strip() == "step_000000008"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: room for two checkpoints of the toy model, not three."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_during_a_save_removes_the_partial_checkpoint_and_says_so(small_disk):
+    run = small_disk / "run"
+    proc = run_train(run, ["train.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=100"])
+    assert proc.returncode == 1, explain(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if "disk full at" in ln]
+    assert len(lines) == 1, proc.stderr  # once, from rank 0
+    assert re.search(rf"disk full at {re.escape(str(ck.checkpoints_dir(run)))} \(\d+ bytes "
+                     "needed", lines[0]), lines[0]
+    assert "iostream error" not in proc.stderr
+    assert not list(ck.checkpoints_dir(run).glob(ck.TMP_PREFIX + "*"))  # partial save gone
+    done = ck.complete_checkpoints(run)
+    assert done and all(ck.verify_files(p, ck.read_manifest(p), sorted(ck.read_manifest(p)))
+                        == [] for p in done)
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_second_training_on_a_run_dir_refuses_and_orphans_die_with_their_launcher(tmp_path):
+    first = start_train(tmp_path, ["train.max_steps=100000", "checkpoint.every=100000",
+                                   "logging.every=2"], log_path=tmp_path / "log.txt")
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        started = _wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 420, first)
+        assert started, (tmp_path / "log.txt").read_text()[-5000:]
+        ranks = _children(first.pid)
+        assert len(ranks) == 2
+        second = run_train(tmp_path, ["train.max_steps=2"])
+        assert second.returncode == 1, explain(second)
+        refusals = [ln for ln in second.stderr.splitlines() if "is in use by another" in ln]
+        assert len(refusals) == 1, second.stderr
+        # The holder is rank 0 of the first training (the rank that took the lock).
+        assert any(f"pid {pid} on" in refusals[0] for pid in ranks), refusals[0]
+        # SIGKILL to the launcher alone: the kernel kills its ranks (parent-death signal).
+        first.kill()
+        first.wait(timeout=30)
+        gone = _wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and
+                                         "Z" not in _proc_state(p) for p in ranks), 60)
+        assert gone, f"ranks {ranks} outlived their launcher"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
+    with ck.run_lock(tmp_path):  # the lock went with its holder
+        pass
+
+
+def _proc_state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_export_names_a_missing_ema_shard_and_a_pruned_checkpoint(zero2_reference_run, tmp_path):
+    from scaletrain.export.writer import ExportError, consolidated_weights, export_checkpoint
+
+    ckpt = shutil.copytree(_step_dir(zero2_reference_run, 8), tmp_path / "step_000000008")
+    (ckpt / "ema/rank_00001.pt").unlink()
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(ckpt, tmp_path / "out", weights="ema")
+    assert str(ckpt / "ema/rank_00001.pt") in str(err.value)
+    assert "EMA shard missing" in str(err.value) and "--weights raw" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    shutil.rmtree(ckpt)  # what a training's pruning does between resolving and reading
+    for weights in ("ema", "raw"):
+        with pytest.raises(ExportError, match="was pruned") as err:
+            consolidated_weights(ckpt, weights)
+        assert "--weights raw" not in str(err.value)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from scaletrain.core.config_base import ConfigError
+from scaletrain.core.signals import ignore_stop_signals
 from scaletrain.data.loader.batching import text_context
 from scaletrain.data.loader.config import DataConfig, SourceConfig
 from scaletrain.data.loader.dataset_index import DatasetIndex, load_dataset_index
@@ -174,6 +175,8 @@ class TrainLoader:
                 "num_workers": self.cfg.num_workers,
                 "prefetch_factor": self.cfg.prefetch_factor,
                 "timeout": self.cfg.timeout_s,
+                # SIGTERM/SIGINT to the whole job must reach the trainer, not kill a worker.
+                "worker_init_fn": ignore_stop_signals,
             }
         pin = self.cfg.pin_memory and torch.cuda.is_available()
         # Its own generator: the DataLoader draws a base seed per iter(), which must not
