@@ -50,6 +50,11 @@ class SlurmConfig:
     # Shell lines run in the batch script before srun, e.g. ["module load cuda/12.4",
     # "source /path/venv/bin/activate"].
     setup: list[str] = field(default_factory=list)
+    # Network interface the ranks talk over, exported as GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME in the batch script ("" leaves both to the library's choice). Set
+    # it when the host name resolves to an address other nodes cannot reach (e.g. "ib0",
+    # "eth0"); ask your site which interface carries inter-node traffic.
+    socket_ifname: str = ""
     # Extra srun options, e.g. ["--cpu-bind=none"].
     srun_args: list[str] = field(default_factory=list)
     # GPUs for each preprocessing array task (one process per task, encoders on one GPU).

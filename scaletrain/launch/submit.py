@@ -13,6 +13,8 @@ dataset index once every task has succeeded. The command line is :mod:`scaletrai
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ def _common_parameters(s: SlurmConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # the trainer (see scaletrain.launch.jobs).
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}", *s.setup],
     }
+    if s.socket_ifname:
+        params["setup"].append(f"export GLOO_SOCKET_IFNAME={s.socket_ifname} "
+                               f"NCCL_SOCKET_IFNAME={s.socket_ifname}")
     for name in ("partition", "account", "qos", "constraint"):
         if getattr(s, name):
             params[name] = getattr(s, name)
@@ -141,6 +146,23 @@ def _executor(folder: Path, params: dict[str, Any], max_num_timeout: int = 3):
     return executor
 
 
+@contextlib.contextmanager
+def _sbatch_errors():
+    """A job sbatch refused (bad partition, account, time...): SLURM's own words, in at
+    most two lines, as a SubmitError; submitit's copy of them on stderr is held back."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except submitit.core.utils.FailedJobError as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        raise SubmitError("sbatch refused the job: " + " / ".join(lines[:2])) from None
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+
+
 def _active_job(run_dir: Path) -> tuple[str, str] | None:
     seen = []
     for record in read_job_records(run_dir):
@@ -177,7 +199,8 @@ def submit_training(cfg: Any, run_dir: str | Path, entry: Callable = run_trainin
     run_dir.mkdir(parents=True, exist_ok=True)
     params = training_parameters(cfg.slurm)
     executor = _executor(slurm_dir(run_dir) / "%j", params, cfg.slurm.max_requeues)
-    job = executor.submit(TrainingJob(entry), cfg, str(run_dir))
+    with _sbatch_errors():
+        job = executor.submit(TrainingJob(entry), cfg, str(run_dir))
     job_dir = slurm_dir(run_dir) / job.job_id
     config_path = save_config(cfg, job_dir)
     code = snapshot_code(job_dir)
@@ -220,7 +243,7 @@ def submit_preprocessing(cfg: Any, inputs: list[str], output_dir: str | Path, ar
     array_size = min(array_size, len(inputs))
     params = preprocess_parameters(cfg.slurm, array_size)
     executor = _executor(log_dir / "%j", params, cfg.slurm.max_requeues)
-    with executor.batch():
+    with _sbatch_errors(), executor.batch():
         jobs = [executor.submit(PreprocessArrayTask(), cfg.preprocess, inputs, str(output_dir))
                 for _ in range(array_size)]
     array_id = jobs[0].job_id.split("_")[0]

@@ -84,9 +84,30 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def slurm_multinode_cluster():
-    """Two compute nodes, each slurmd in its own network namespace (own address, own eth0),
-    their names in /etc/hosts while the session lasts. Its own slurmctld: the single-node
-    tests keep a node named after this host. Start-up: about 11 s (see docs/cluster.md)."""
-    with _cluster_env(*_session_cluster(2)) as cluster:
+def _multinode_session():
+    root, cluster = _session_cluster(2)
+    try:
         yield cluster
+    finally:
+        cluster.stop()
+        if os.environ.get("SCALETRAIN_KEEP_SLURM_STATE") != "1":
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm_multinode_cluster(_multinode_session):
+    """Two compute nodes, each slurmd in its own network namespace (own address, own eth0),
+    their names in /etc/hosts while the session lasts. Its own slurmctld (the single-node
+    tests keep a node named after this host), started once per session in about 11 s;
+    SLURM_CONF points at it only during each test that uses it, so both clusters can serve
+    one session."""
+    cluster = _multinode_session
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.env)
+    try:
+        yield cluster
+    finally:
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved

@@ -86,3 +86,54 @@ def test_network_teardown_leaves_nothing_behind(tmp_path):
     assert links_after.count("\n") == links_before.count("\n")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in netns for n in net.names)
+
+
+# --------------------------------------------------------------------------- training jobs
+
+
+def test_submit_on_two_nodes_matches_the_same_world_size_on_one_node(
+        slurm_multinode_cluster, tmp_path):
+    """(a) `scaletrain submit --nodes 2` (one task per node) trains over gloo across the two
+    namespaces; each rank logs its node, its address and the master's; the final weights
+    and EMA equal those of the same 2-rank run on one machine bit for bit."""
+    import re
+
+    import torch
+
+    from .test_slurm_jobs import (
+        STEPS,
+        TRAIN_YAML,
+        final_weights,
+        job_logs,
+        scaletrain,
+        wait_completed,
+    )
+
+    cluster = slurm_multinode_cluster
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TRAIN_YAML)
+    run_dir = tmp_path / "run"
+    proc = scaletrain("submit", config, "--run-dir", run_dir, "--nodes", "2",
+                      "--gpus-per-node", "0", "--tasks-per-node", "1", "--time", "60",
+                      f"slurm.socket_ifname={cluster.socket_ifname}")
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    wait_completed(job_id, run_dir)
+
+    logs = job_logs(run_dir)
+    first, second = cluster.node_names
+    addr = dict(zip(cluster.node_names, cluster.network.addresses, strict=True))
+    master = f"master {first} ({addr[first]})"
+    assert f"rank 0/2 (local 0) on {first} ({addr[first]}), {master}" in logs, logs
+    assert f"rank 1/2 (local 0) on {second} ({addr[second]}), {master}" in logs, logs
+
+    ref_dir = tmp_path / "one_node"
+    ref = scaletrain("train", config, "--run-dir", ref_dir, "--nproc", "2")
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    ref_latest, ref_model, ref_ema = final_weights(ref_dir)
+    latest, model, ema = final_weights(run_dir)
+    assert latest.name == ref_latest.name == f"step_{STEPS:09d}"
+    for name in ref_model:
+        assert torch.equal(model[name], ref_model[name]), f"weights differ: {name}"
+    for name in ref_ema:
+        assert torch.equal(ema[name], ref_ema[name]), f"EMA differs: {name}"
