@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -64,7 +65,6 @@ def test_node_names_resolve_only_while_the_cluster_runs(slurm_multinode_cluster)
 def test_network_teardown_leaves_nothing_behind(tmp_path):
     """create() then remove(): /etc/hosts byte-identical, namespaces and links gone."""
     import os
-    import subprocess
 
     from tests.support.slurm_cluster import ClusterUnavailable, NodeNetwork
 
@@ -100,14 +100,11 @@ def test_submit_on_two_nodes_matches_the_same_world_size_on_one_node(
 
     import torch
 
-    from .test_slurm_jobs import (
-        STEPS,
-        TRAIN_YAML,
-        final_weights,
-        job_logs,
-        scaletrain,
-        wait_completed,
-    )
+    from .test_slurm_jobs import STEPS, TRAIN_YAML, _env, final_weights, job_logs, wait_completed
+
+    def scaletrain(*argv):  # no short timeout: the local reference run trains too
+        return subprocess.run([sys.executable, "-m", "scaletrain.cli", *map(str, argv)],
+                              env=_env(), capture_output=True, text=True, timeout=900)
 
     cluster = slurm_multinode_cluster
     config = tmp_path / "tiny.yaml"
