@@ -32,13 +32,19 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.cli.common import resolve_config
-from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, dist_env_from_environ
+from scaletrain.core.dist_env import (
+    EXIT_FAILED,
+    EXIT_OK,
+    dist_env_from_environ,
+    set_default_pg_timeout,
+)
 from scaletrain.core.files import atomic_write
 from scaletrain.core.log import setup_logging
 from scaletrain.eval.config import FID_DIMS
 from scaletrain.eval.offline import RESULT_NAME, evaluate_weights, fid_between, json_ready
 from scaletrain.export.layout import ExportError
 from scaletrain.launch.local import launch_local
+from scaletrain.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +105,8 @@ def main(args: argparse.Namespace) -> int:
 
     env = dist_env_from_environ()
     setup_logging(args.log_level, rank=env.rank)
-    device = _join(env) if env.world_size > 1 else _device(args.device)
+    timeout_s = cfg.train.dist_timeout_s if not fid else TrainConfig().dist_timeout_s
+    device = _join(env, timeout_s) if env.world_size > 1 else _device(args.device)
     try:
         if fid:
             return _fid(args, device, env.rank)
@@ -137,7 +144,7 @@ def _rank_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _join(env) -> torch.device:
+def _join(env, timeout_s: float) -> torch.device:
     """Join the ranks' process group (env:// rendezvous; NCCL on GPUs, gloo on CPUs). No
     DeepSpeed here: evaluation runs plain modules, and importing it costs seconds."""
     os.environ.update(env.as_torch_env())
@@ -147,7 +154,7 @@ def _join(env) -> torch.device:
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
-                            world_size=env.world_size)
+                            world_size=env.world_size, timeout=set_default_pg_timeout(timeout_s))
     return device
 
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,13 @@ from scaletrain.launch.submit import (
     PREEMPT_SIGNAL,
     Submission,
     SubmitError,
+    checkpoint_warning,
+    job_parameters,
     preprocess_parameters,
     resolve_inputs,
     sbatch_preview,
     submit_preprocessing,
     submit_training,
-    training_parameters,
 )
 
 # command-line flag -> key of the slurm config section
@@ -149,7 +151,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 
-def _print_plan(mode: str, params: dict[str, Any], folder: Path, cfg: Any, extra: str) -> None:
+def _print_plan(mode: str, params: dict[str, Any], folder: Path, cfg: Any, extra: str,
+                array_size: int | None = None) -> None:
     shown = {k: v for k, v in params.items() if k != "additional_parameters"}
     shown.update(params.get("additional_parameters", {}))
     out = sys.stdout
@@ -159,7 +162,7 @@ def _print_plan(mode: str, params: dict[str, Any], folder: Path, cfg: Any, extra
     out.write("# SLURM parameters\n")
     out.write(yaml.safe_dump({"slurm_parameters": shown}, sort_keys=True))
     out.write("# batch script submitit would write\n")
-    out.write("".join(f"#   {line}\n" for line in sbatch_preview(params, folder).splitlines()))
+    out.write("".join(f"#   {line}\n" for line in sbatch_preview(params, folder, array_size).splitlines()))
     out.write("# resolved config\n")
     out.write(dump_yaml(cfg))
 
@@ -214,12 +217,19 @@ def _main_train(args: argparse.Namespace, cfg: Any) -> int:
     if not args.run_dir:
         raise SubmitError("--run-dir is required: where checkpoints, logs and records go")
     run_dir = Path(args.run_dir).resolve()
+    # What every task runs, as a command a person could type (the job itself calls the same
+    # function through submitit with the resolved config).
+    command = shlex.join(["scaletrain", "train", str(args.config), "--run-dir", str(run_dir),
+                          *args.overrides, *flag_overrides(args)])
+    warning = checkpoint_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.dry_run:
         extra = f"# run dir: {run_dir} (resumes from its latest checkpoint if any)\n"
-        _print_plan("training", training_parameters(cfg.slurm), slurm_dir(run_dir) / "%j", cfg,
-                    extra)
+        _print_plan("training", job_parameters(cfg, command), slurm_dir(run_dir) / "%j",
+                    cfg, extra)
         return 0
-    sub = submit_training(cfg, run_dir)
+    sub = submit_training(cfg, run_dir, command=command)
     sys.stdout.write(_describe(sub, cfg))
     return 0
 
@@ -240,7 +250,7 @@ def _main_preprocess(args: argparse.Namespace, cfg: Any) -> int:
         extra = (f"# {len(inputs)} input shard(s) -> {output}; array of {array_size} task(s) "
                  f"(each takes its share of the shards), then one index job\n")
         _print_plan("preprocessing array", preprocess_parameters(cfg.slurm, array_size),
-                    log_dir / "%j", cfg, extra)
+                    log_dir / "%j", cfg, extra, array_size)
         return 0
     sub = submit_preprocessing(cfg, inputs, output, array_size, records_dir)
     sys.stdout.write(

@@ -20,8 +20,15 @@ from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
 from scaletrain.core.log import FILE_ONLY, add_log_file, setup_logging
-from scaletrain.core.run_dir import TRAIN_LOG, RunDirBusy, checkpoints_dir, find_latest
+from scaletrain.core.run_dir import (
+    TRAIN_LOG,
+    RunDirBusy,
+    checkpoints_dir,
+    find_latest,
+    heartbeat_dir,
+)
 from scaletrain.launch.local import launch_local
+from scaletrain.launch.watchdog import RankWatchdog
 from scaletrain.train.checkpoint import CheckpointWriteError
 from scaletrain.train.init_weights import check_init_source
 from scaletrain.train.loop import NonFiniteTrainingError, run_training
@@ -59,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
         check_init_source(cfg, args.run_dir)
         argv = ["train", args.config, "--run-dir", args.run_dir, "--log-level",
                 args.log_level, *args.overrides]
-        return launch_local(argv, args.nproc, hold_signals=True)
+        watchdog = RankWatchdog(heartbeat_dir(args.run_dir), cfg.train.dist_timeout_s)
+        return launch_local(argv, args.nproc, hold_signals=True, watchdog=watchdog)
 
     rank = dist_env_from_environ().rank
     setup_logging(args.log_level, rank=rank)

@@ -24,6 +24,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 # Ports 20000-29999: above the registered-services range most clusters firewall, below the
 # Linux ephemeral range (32768+), so a job-derived port rarely collides with a client socket.
@@ -272,6 +273,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def set_default_pg_timeout(seconds: float) -> timedelta:
+    """Make ``seconds`` the timeout of every process group this process creates.
+
+    DeepSpeed (and torch's own helpers) call ``dist.new_group(ranks)`` without a timeout,
+    which falls back to torch's module default (30 min for gloo, 10 for NCCL), not to the
+    world group's: a dead peer would then hang a ZeRO collective for half an hour. torch
+    reads these two module globals whenever a group gets no explicit timeout.
+    """
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
 
 
 def import_deepspeed():

@@ -8,6 +8,7 @@
     RUN_DIR/checkpoints/step_{N:09d}/   one complete checkpoint (see scaletrain.train.checkpoint)
     RUN_DIR/checkpoints/latest          the name of the newest complete checkpoint
     RUN_DIR/slurm/                      SLURM job records and logs (scaletrain.launch.records)
+    RUN_DIR/heartbeat/                  one file per live rank (scaletrain.core.heartbeat)
 
 A checkpoint directory is complete once its ``COMPLETE`` marker is written (last, after every
 other file). Its ``manifest.json`` (written just before the marker) records the size and sha256
@@ -57,6 +58,10 @@ def rank_file(kind: str, rank: int) -> str:
 
 def eval_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "eval"
+
+
+def heartbeat_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "heartbeat"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

@@ -21,7 +21,8 @@ class SlurmConfig:
     gpus_per_node: int = 8
     # --ntasks-per-node. 0 means one task per GPU (the only sensible value on GPU nodes).
     tasks_per_node: int = 0
-    # --cpus-per-task (data loader workers + 1 is a good start); 0 leaves the SLURM default.
+    # --cpus-per-task; 0 derives it for training: data.num_workers + 1 (one core per loader
+    # worker and one for the training process).
     cpus_per_task: int = 0
     # --partition ("" leaves it out: the cluster's default partition).
     partition: str = ""
@@ -44,12 +45,21 @@ class SlurmConfig:
     # trainer then saves at the next step boundary and the job requeues itself. It must
     # cover one training step plus one checkpoint save.
     signal_delay_s: int = 180
+    # Aggregate checkpoint write speed of the run directory's file system in MB/s, used only
+    # to warn at submit time when signal_delay_s is shorter than one checkpoint save
+    # (model + optimizer + EMA bytes / this). Measure yours; 1000 is a parallel file system.
+    checkpoint_write_mb_s: float = 1000.0
     # A job requeues itself at most this many times (SLURM_RESTART_COUNT), so a run that
     # cannot make progress does not loop forever.
     max_requeues: int = 100
     # Shell lines run in the batch script before srun, e.g. ["module load cuda/12.4",
     # "source /path/venv/bin/activate"].
     setup: list[str] = field(default_factory=list)
+    # Network interface the ranks talk over, exported as GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME in the batch script ("" leaves both to the library's choice). Set
+    # it when the host name resolves to an address other nodes cannot reach (e.g. "ib0",
+    # "eth0"); ask your site which interface carries inter-node traffic.
+    socket_ifname: str = ""
     # Extra srun options, e.g. ["--cpu-bind=none"].
     srun_args: list[str] = field(default_factory=list)
     # GPUs for each preprocessing array task (one process per task, encoders on one GPU).
@@ -69,6 +79,8 @@ class SlurmConfig:
             f"must equal gpus_per_node ({self.gpus_per_node}) on GPU nodes: one task per GPU "
             f"(got {self.tasks_per_node}); use 0 to derive it",
         )
+        require(self.checkpoint_write_mb_s > 0, "checkpoint_write_mb_s",
+                f"must be > 0 MB/s, got {self.checkpoint_write_mb_s}")
         require(self.cpus_per_task >= 0, "cpus_per_task", "must be >= 0 (0: SLURM default)")
         require(self.time_min > 0, "time_min", f"must be > 0, got {self.time_min}")
         require(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,13 @@ from scaletrain.train.loop import run_training
 
 logger = logging.getLogger(__name__)
 
+
+
+def _address(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        return f"unresolved: {exc}"
 
 
 def _job_id() -> str:
@@ -100,8 +108,11 @@ class TrainingJob:
         if dist.is_main:
             append_job_record(run_dir, "started", master=f"{dist.master_addr}:{dist.master_port}",
                               **fields)
-        logger.info("rank %d/%d (local %d) on %s, master %s:%d", dist.rank, dist.world_size,
-                    dist.local_rank, os.uname().nodename, dist.master_addr, dist.master_port)
+        # SLURM's node name, not uname: nodes may share a host name (containers).
+        node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+        logger.info("rank %d/%d (local %d) on %s (%s), master %s (%s):%d", dist.rank,
+                    dist.world_size, dist.local_rank, node, _address(node), dist.master_addr,
+                    _address(dist.master_addr), dist.master_port)
         outcome = self.entry(cfg, Path(run_dir))
         status = getattr(outcome, "status", outcome)
         if status == "preempted":

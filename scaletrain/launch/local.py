@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from scaletrain.core.dist_env import EXIT_REQUEUE, free_port
 from scaletrain.core.signals import block_stop_signals, early_request
+from scaletrain.launch.watchdog import RankWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,39 @@ def _status(code: int) -> int:
     return 128 - code if code < 0 else code  # Popen reports death by signal N as -N
 
 
+def _judge(procs, codes, new, watchdog: RankWatchdog | None) -> int | None:
+    """The job's status if it must end now (the others are then killed), else None."""
+    if watchdog is not None:
+        verdict = watchdog.judge(procs, codes, new)
+        if verdict is not None:
+            log.error("%s", verdict.message)
+            return verdict.status
+        return None
+    failed = [(rank, code) for rank, code in sorted(new.items())
+              if code not in (0, EXIT_REQUEUE)]
+    if failed:
+        rank, code = failed[0]
+        log.error("rank %d exited with status %d; stopping the other ranks", rank, code)
+        return code
+    return None
+
+
 def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None = None,
                  poll_s: float = 0.2, program: Sequence[str] | None = None,
-                 hold_signals: bool = False) -> int:
+                 hold_signals: bool = False, watchdog: RankWatchdog | None = None) -> int:
     """Run ``python -m scaletrain.cli *argv`` as ``nproc`` ranks; return the combined status.
 
     ``program`` replaces ``python -m scaletrain.cli`` (tests run small scripts instead).
     ``hold_signals``: the ranks start with stop signals blocked and unblock them once their
     handlers are in (``scaletrain train`` does, first thing).
+    ``watchdog`` (see :mod:`scaletrain.launch.watchdog`) turns a rank that died by a signal
+    or stopped beating into EXIT_REQUEUE with a message naming it.
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     base = dict(os.environ if env is None else env)
+    if watchdog is not None:
+        base.update(watchdog.prepare(nproc))
     port = free_port()
     cmd = [*(program or (sys.executable, "-m", "scaletrain.cli")), *argv]
     if early_request() is not None:  # stopped before any rank started: nothing to save
@@ -119,14 +141,12 @@ def launch_local(argv: Sequence[str], nproc: int, env: Mapping[str, str] | None 
     failure: int | None = None
     try:
         while len(codes) < nproc:
-            for rank, p in enumerate(procs):
-                if rank in codes or p.poll() is None:
-                    continue
-                codes[rank] = _status(p.returncode)
-                if codes[rank] not in (0, EXIT_REQUEUE) and failure is None:
-                    failure = codes[rank]
-                    log.error("rank %d exited with status %d; stopping the other ranks",
-                              rank, failure)
+            new = {rank: _status(p.returncode) for rank, p in enumerate(procs)
+                   if rank not in codes and p.poll() is not None}
+            codes.update(new)
+            if failure is None:
+                failure = _judge(procs, codes, new, watchdog)
+                if failure is not None:
                     for other in procs:
                         if other.poll() is None:
                             other.kill()

@@ -13,6 +13,10 @@ dataset index once every task has succeeded. The command line is :mod:`scaletrai
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +57,9 @@ def _common_parameters(s: SlurmConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # the trainer (see scaletrain.launch.jobs).
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}", *s.setup],
     }
+    if s.socket_ifname:
+        params["setup"].append(f"export GLOO_SOCKET_IFNAME={s.socket_ifname} "
+                               f"NCCL_SOCKET_IFNAME={s.socket_ifname}")
     for name in ("partition", "account", "qos", "constraint"):
         if getattr(s, name):
             params[name] = getattr(s, name)
@@ -72,9 +79,33 @@ def _common_parameters(s: SlurmConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return params, additional
 
 
-def training_parameters(s: SlurmConfig) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for a training job."""
+def training_parameters(s: SlurmConfig, loader_workers: int | None = None,
+                        dist_timeout_s: float | None = None, command: str = ""
+                        ) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for a training job.
+
+    ``loader_workers`` (data.num_workers): with ``slurm.cpus_per_task: 0`` each task asks
+    for one core per loader worker plus one for itself, and OMP_NUM_THREADS gives the
+    training process the cores the workers leave. ``dist_timeout_s`` and ``command`` are
+    shown in the script (and echoed into the job log) so the job says what it runs.
+    """
+    if loader_workers is not None and not s.cpus_per_task:
+        s = dataclasses.replace(s, cpus_per_task=loader_workers + 1)
     params, additional = _common_parameters(s)
+    setup = params["setup"]
+    if s.cpus_per_task:
+        threads = max(1, s.cpus_per_task - (loader_workers or 0))
+        setup.append(f"export OMP_NUM_THREADS={threads}  # cpus-per-task minus loader workers")
+    # A failed NCCL collective then raises (and the job ends) instead of hanging.
+    setup.append("export TORCH_NCCL_ASYNC_ERROR_HANDLING=1")
+    if dist_timeout_s is not None:
+        setup.append(f"# collectives fail after train.dist_timeout_s={dist_timeout_s:g} s "
+                     "(process-group timeout)")
+    setup.append("# network: set slurm.socket_ifname (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME) if "
+                 "the host name "
+                 "does not resolve to the inter-node network; NCCL_IB_HCA as your site advises")
+    if command:
+        setup.append(f"echo {shlex.quote('scaletrain: each task runs the equivalent of: ' + command)}")
     params["nodes"] = s.nodes
     params["ntasks_per_node"] = s.tasks_per_node_resolved
     if s.gpus_per_node:
@@ -108,11 +139,12 @@ def finalize_parameters(s: SlurmConfig, array_job_id: str) -> dict[str, Any]:
     return params
 
 
-def sbatch_preview(params: dict[str, Any], folder: Path) -> str:
-    """The batch script submitit would write for ``params`` (for --dry-run)."""
+def sbatch_preview(params: dict[str, Any], folder: Path, array_size: int | None = None) -> str:
+    """The batch script submitit would write for ``params`` (for --dry-run); with
+    ``array_size``, the job array's script (its ``--array=0-K%N`` line)."""
     params = dict(params)
     command = f"{sys.executable} -u -m submitit.core._submit {folder}"
-    return _make_sbatch_string(command=command, folder=folder, **params)
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
 
 
 # --------------------------------------------------------------------------- submission
@@ -141,6 +173,23 @@ def _executor(folder: Path, params: dict[str, Any], max_num_timeout: int = 3):
     return executor
 
 
+@contextlib.contextmanager
+def _sbatch_errors():
+    """A job sbatch refused (bad partition, account, time...): SLURM's own words, in at
+    most two lines, as a SubmitError; submitit's copy of them on stderr is held back."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except submitit.core.utils.FailedJobError as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        raise SubmitError("sbatch refused the job: " + " / ".join(lines[:2])) from None
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+
+
 def _active_job(run_dir: Path) -> tuple[str, str] | None:
     seen = []
     for record in read_job_records(run_dir):
@@ -164,8 +213,34 @@ def wandb_info(cfg: Any, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def submit_training(cfg: Any, run_dir: str | Path, entry: Callable = run_training
-                    ) -> Submission:
+def job_parameters(cfg: Any, command: str = "") -> dict[str, Any]:
+    """training_parameters for the root config ``cfg``."""
+    return training_parameters(cfg.slurm, loader_workers=cfg.data.num_workers,
+                               dist_timeout_s=cfg.train.dist_timeout_s, command=command)
+
+
+def checkpoint_warning(cfg: Any) -> str | None:
+    """One line when slurm.signal_delay_s looks too short to save this model's checkpoint.
+
+    Bytes per parameter: bf16 weights 2 (if bf16) + fp32 master 4 + Adam moments 8 + EMA 4
+    (if enabled), written at slurm.checkpoint_write_mb_s (aggregate, all ranks together);
+    one more minute covers the step in flight and the slack of signal delivery.
+    """
+    from scaletrain.models.info import model_info
+
+    params = model_info(cfg.model, with_backward=False)["params"]
+    per_param = (2 if cfg.train.bf16 else 0) + 4 + 8 + (4 if cfg.ema.enabled else 0)
+    size_mb = params * per_param / 1e6
+    needed = size_mb / cfg.slurm.checkpoint_write_mb_s + 60
+    if cfg.slurm.signal_delay_s >= needed:
+        return None
+    return (f"warning: slurm.signal_delay_s={cfg.slurm.signal_delay_s} may be too short: a "
+            f"checkpoint of this model is ~{size_mb / 1e3:.1f} GB, ~{needed:.0f} s to write at "
+            f"slurm.checkpoint_write_mb_s={cfg.slurm.checkpoint_write_mb_s:g} plus one step")
+
+
+def submit_training(cfg: Any, run_dir: str | Path, entry: Callable = run_training,
+                    command: str = "") -> Submission:
     """Submit ``cfg`` to train in ``run_dir`` (resuming what is there) and record it."""
     run_dir = Path(run_dir).resolve()
     active = _active_job(run_dir)
@@ -175,9 +250,10 @@ def submit_training(cfg: Any, run_dir: str | Path, entry: Callable = run_trainin
             f"into one run directory (scancel {active[0]} first, or wait for it)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = training_parameters(cfg.slurm)
+    params = job_parameters(cfg, command)
     executor = _executor(slurm_dir(run_dir) / "%j", params, cfg.slurm.max_requeues)
-    job = executor.submit(TrainingJob(entry), cfg, str(run_dir))
+    with _sbatch_errors():
+        job = executor.submit(TrainingJob(entry), cfg, str(run_dir))
     job_dir = slurm_dir(run_dir) / job.job_id
     config_path = save_config(cfg, job_dir)
     code = snapshot_code(job_dir)
@@ -220,7 +296,7 @@ def submit_preprocessing(cfg: Any, inputs: list[str], output_dir: str | Path, ar
     array_size = min(array_size, len(inputs))
     params = preprocess_parameters(cfg.slurm, array_size)
     executor = _executor(log_dir / "%j", params, cfg.slurm.max_requeues)
-    with executor.batch():
+    with _sbatch_errors(), executor.batch():
         jobs = [executor.submit(PreprocessArrayTask(), cfg.preprocess, inputs, str(output_dir))
                 for _ in range(array_size)]
     array_id = jobs[0].job_id.split("_")[0]

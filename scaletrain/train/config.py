@@ -36,6 +36,11 @@ class TrainConfig:
     # stops the run (the last good checkpoint stays).
     max_consecutive_skips: int = 5
     progress_bar: bool = True
+    # Seconds a collective (and every process group's rendezvous) may wait for a peer before
+    # it fails, instead of torch's 30 min default; also how long a rank may go without a
+    # heartbeat before the launcher (or rank 0) ends the job for a requeue. 600 s leaves
+    # room for a slow checkpoint write or a first-step compile on a real cluster.
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
@@ -51,6 +56,8 @@ class TrainConfig:
             0.0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}"
         )
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.dist_timeout_s > 0, "dist_timeout_s",
+                f"must be > 0 seconds, got {self.dist_timeout_s}")
         require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
         require(
             self.max_consecutive_skips >= 1,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scaletrain.core.dist_env import DistEnv, free_port, import_deepspeed
+from scaletrain.core.dist_env import DistEnv, free_port, import_deepspeed, set_default_pg_timeout
 from scaletrain.models import build_model, materialize_, set_trainable_
 from scaletrain.models.config import ModelConfig
 from scaletrain.train.config import TrainConfig
@@ -41,12 +41,14 @@ def init_distributed(cfg: TrainConfig, env: DistEnv) -> torch.device:
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
+    timeout = set_default_pg_timeout(cfg.dist_timeout_s)
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=resolve_backend(cfg), auto_mpi_discovery=False, verbose=False,
-            rank=env.rank, world_size=env.world_size,
+            rank=env.rank, world_size=env.world_size, timeout=timeout,
         )
     return device
+
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:

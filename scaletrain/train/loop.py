@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from scaletrain.core.config_base import dump_yaml, save_config, to_dict
 from scaletrain.core.dist_env import dist_env_from_environ
-from scaletrain.core.run_dir import checkpoints_dir, eval_dir, run_lock
+from scaletrain.core.heartbeat import HEARTBEAT_DIR_ENV, Heartbeat
+from scaletrain.core.run_dir import checkpoints_dir, eval_dir, heartbeat_dir, run_lock
 from scaletrain.data.loader import build_train_loader
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.conditioning import ModelFn, cast_inputs, make_model_fn
@@ -139,14 +141,26 @@ def run_training(cfg, run_dir: str | Path) -> TrainOutcome:
     env = dist_env_from_environ()
     # Handlers first: a SIGTERM during the (slow) start-up must not kill the process; the
     # flag is honoured at the first step boundary.
-    with PreemptionFlag() as preempt, (run_lock(run_dir) if env.rank == 0
-                                        else contextlib.nullcontext()):
+    with PreemptionFlag() as preempt, _heartbeat(cfg, Path(run_dir), env), (
+            run_lock(run_dir) if env.rank == 0 else contextlib.nullcontext()):
         device = init_distributed(cfg.train, env)
         try:
             return Trainer(cfg, Path(run_dir), env.rank, env.world_size, device, preempt).fit()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _heartbeat(cfg, run_dir: Path, env) -> Heartbeat | contextlib.nullcontext:
+    """Beat into the directory the local launcher named; under SLURM (no launcher of ours)
+    into one per job start, which rank 0 watches (see scaletrain.core.heartbeat)."""
+    directory = os.environ.get(HEARTBEAT_DIR_ENV)
+    if not directory and env.source == "slurm":
+        start = f"{os.environ.get('SLURM_JOB_ID', '0')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        directory = str(heartbeat_dir(run_dir) / start)
+    if not directory:
+        return contextlib.nullcontext()
+    return Heartbeat(directory, env.rank, env.world_size, cfg.train.dist_timeout_s)
 
 
 class Trainer:

@@ -149,6 +149,105 @@ def _processes_in_session(sid: int) -> list[int]:
 # --------------------------------------------------------------------------- the cluster
 
 
+class NodeNetwork:
+    """N test hosts on this machine: a network namespace per node, joined by a bridge.
+
+    The bridge holds ``<subnet>.1`` in the root namespace (slurmctld listens there); node K
+    gets a veth pair, one end on the bridge, the other as ``eth0`` with ``<subnet>.(10+K)``
+    inside its namespace. Node names get /etc/hosts lines (marked with this network's tag)
+    so that ``getent hosts stXXXXn1`` answers as on a cluster; ``remove()`` deletes exactly
+    those lines, the namespaces and the bridge. Names carry a per-process tag so that two
+    clusters on one machine do not collide.
+    """
+
+    IFNAME = "eth0"
+    HOSTS = Path("/etc/hosts")
+
+    def __init__(self, nodes: int) -> None:
+        tag = f"{os.getpid() % 100000:05d}"
+        self.tag = f"st{tag}"
+        self.names = [f"{self.tag}n{k}" for k in range(1, nodes + 1)]
+        self.bridge = f"{self.tag}br"
+        self.subnet = ""
+        self.created: list[tuple[str, str]] = []  # ("netns"|"link", name), for remove()
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.subnet}.1"
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"{self.subnet}.{10 + k}" for k in range(1, len(self.names) + 1)]
+
+    @property
+    def marker(self) -> str:
+        return f"# scaletrain test cluster {self.tag}"
+
+    @staticmethod
+    def netns_path(name: str) -> str:
+        return f"/run/netns/{name}"
+
+    def _free_subnet(self) -> str:
+        used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+        # 10.250.X.0/24: a range these test hosts alone use; X differs per live cluster.
+        for third in range(int(self.tag[2:]) % 200, 256):
+            subnet = f"10.250.{third}"
+            if f" {subnet}." not in used:
+                return subnet
+        raise ClusterUnavailable("no free 10.250.X.0/24 subnet for the test nodes")
+
+    def _ip(self, *args: str, netns: str | None = None) -> None:
+        cmd = ["ip", *args] if netns is None else ["ip", "-n", netns, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ClusterUnavailable(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+
+    def create(self) -> None:
+        if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
+            raise ClusterUnavailable("a multi-node test cluster needs root, ip and nsenter")
+        self.subnet = self._free_subnet()
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self.created.append(("link", self.bridge))
+        self._ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for k, (name, addr) in enumerate(zip(self.names, self.addresses, strict=True), 1):
+            host_end, node_end = f"{self.tag}v{k}", f"{self.tag}p{k}"
+            self._ip("netns", "add", name)
+            self.created.append(("netns", name))
+            self._ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            self.created.append(("link", host_end))  # deleting one end deletes the pair
+            self._ip("link", "set", host_end, "master", self.bridge)
+            self._ip("link", "set", host_end, "up")
+            self._ip("link", "set", node_end, "netns", name)
+            self._ip("link", "set", node_end, "name", self.IFNAME, netns=name)
+            self._ip("addr", "add", f"{addr}/24", "dev", self.IFNAME, netns=name)
+            self._ip("link", "set", self.IFNAME, "up", netns=name)
+            self._ip("link", "set", "lo", "up", netns=name)
+        lines = "".join(f"{addr} {name} {self.marker}\n"
+                        for name, addr in zip(self.names, self.addresses, strict=True))
+        text = self.HOSTS.read_text()
+        # In place: /etc/hosts is often a bind mount that a rename cannot replace.
+        with open(self.HOSTS, "a") as f:
+            f.write(("" if text.endswith("\n") or not text else "\n") + lines)
+
+    def remove(self) -> None:
+        """Undo create(): our /etc/hosts lines, namespaces and links; nothing else."""
+        try:
+            text = self.HOSTS.read_text()
+            kept = [line for line in text.splitlines(keepends=True) if self.marker not in line]
+            if len(kept) != len(text.splitlines(keepends=True)):
+                with open(self.HOSTS, "w") as f:
+                    f.write("".join(kept))
+        except OSError as exc:
+            logger.warning("could not remove the test nodes from %s: %s", self.HOSTS, exc)
+        for kind, name in reversed(self.created):
+            args = ["netns", "del", name] if kind == "netns" else ["link", "del", name]
+            proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+            if proc.returncode != 0 and "Cannot find" not in proc.stderr:
+                logger.warning("`ip %s`: %s", " ".join(args), proc.stderr.strip())
+        self.created.clear()
+
+
 @dataclass
 class _Daemon:
     name: str
@@ -158,7 +257,13 @@ class _Daemon:
 
 @dataclass
 class LocalSlurmCluster:
-    """One node, one partition, accounting through slurmdbd, all state under ``root``."""
+    """One partition, accounting through slurmdbd, all state under ``root``.
+
+    ``nodes=1``: one slurmd on this host's own name and 127.0.0.1 (the single-node tests).
+    ``nodes>=2``: each slurmd in its own network namespace with its own address on a
+    bridge, like separate hosts (see :class:`NodeNetwork`): traffic between ranks crosses
+    real interfaces, and the node names resolve through /etc/hosts as on a cluster.
+    """
 
     root: Path
     cpus: int = 2
@@ -168,12 +273,24 @@ class LocalSlurmCluster:
     install: bool = True
     # Seconds a requeued job waits before it may start again (see module docstring).
     cred_expire_s: int = 10
+    nodes: int = 1
     _daemons: list[_Daemon] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         self.hostname = socket.gethostname().split(".")[0]
         self.conf = self.root / "etc" / "slurm.conf"
+        self.network = NodeNetwork(self.nodes) if self.nodes > 1 else None
+
+    @property
+    def node_names(self) -> list[str]:
+        return self.network.names if self.network is not None else [self.hostname]
+
+    @property
+    def socket_ifname(self) -> str | None:
+        """The interface ranks must talk over (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME):
+        every namespace shares the host name, which resolves to 127.0.0.1."""
+        return NodeNetwork.IFNAME if self.network is not None else None
 
     # ----------------------------------------------------------------- public
 
@@ -194,11 +311,11 @@ class LocalSlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel jobs, then end every daemon we started, newest first, by PID."""
+        """Cancel jobs, then end every daemon we started, newest first, by PID; then remove
+        the namespaces, bridge and /etc/hosts lines of a multi-node cluster."""
         if any(d.name == "slurmctld" for d in self._daemons):
             self._cancel_all_jobs()
-        slurmd = next((d for d in self._daemons if d.name == "slurmd"), None)
-        if slurmd is not None:
+        for slurmd in [d for d in self._daemons if d.name.startswith("slurmd-")]:
             # Job step daemons (slurmstepd) outlive slurmd by design; they stay in its
             # session, so the session id finds exactly ours.
             for pid in _processes_in_session(slurmd.proc.pid):
@@ -206,6 +323,8 @@ class LocalSlurmCluster:
         for daemon in reversed(self._daemons):
             self._terminate(daemon)
         self._daemons.clear()
+        if self.network is not None:
+            self.network.remove()
 
     def __enter__(self) -> LocalSlurmCluster:
         return self.start()
@@ -243,6 +362,8 @@ class LocalSlurmCluster:
                 )
         self.slurmctld_port, self.slurmd_port = free_port(), free_port()
         self.slurmdbd_port, self.mysql_port = free_port(), free_port()
+        if self.network is not None:
+            self.network.create()
         self._start_munge(timeout)
         self._start_mariadb(timeout)
         self._write_configs()
@@ -309,10 +430,16 @@ class LocalSlurmCluster:
     def _write_configs(self) -> None:
         r = self.root
         auth = f"socket={self.munge_socket},cred_expire={self.cred_expire_s}"
+        ctld_addr = self.network.gateway if self.network is not None else "127.0.0.1"
+        addrs = self.network.addresses if self.network is not None else ["127.0.0.1"]
+        node_lines = "\n".join(
+            f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} "
+            f"RealMemory={self.real_memory_mb} State=UNKNOWN"
+            for name, addr in zip(self.node_names, addrs, strict=True))
         slurm_conf = f"""\
-# Generated by launch/testing_cluster.py: a throw-away single-node cluster.
+# Generated by tests/support/slurm_cluster.py: a throw-away test cluster.
 ClusterName={self.cluster_name}
-SlurmctldHost={self.hostname}(127.0.0.1)
+SlurmctldHost={self.hostname}({ctld_addr})
 SlurmctldPort={self.slurmctld_port}
 SlurmdPort={self.slurmd_port}
 SlurmUser=root
@@ -344,7 +471,7 @@ AccountingStoragePort={self.slurmdbd_port}
 AccountingStoragePass={self.munge_socket}
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
-NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb} State=UNKNOWN
+{node_lines}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
         dbd_conf = f"""\
@@ -381,17 +508,22 @@ StorageLoc=slurm_acct_db
         _wait_for("slurmctld", lambda: _port_open(self.slurmctld_port), timeout, proc, log)
 
     def _start_slurmd(self, timeout: float) -> None:
-        log = self.root / "log" / f"slurmd-{self.hostname}.log"
-        proc = self._spawn(
-            "slurmd", ["slurmd", "-D", "-N", self.hostname, "-f", str(self.conf)],
-            self.root / "log" / "slurmd.out",
-        )
+        procs = []
+        for name in self.node_names:
+            cmd = ["slurmd", "-D", "-N", name, "-f", str(self.conf)]
+            if self.network is not None:
+                # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds
+                # no cgroup filesystem and refuses to start.
+                cmd = ["nsenter", f"--net={self.network.netns_path(name)}", *cmd]
+            procs.append(self._spawn(f"slurmd-{name}", cmd, self.root / "log" / f"{name}.out"))
 
         def idle() -> bool:
             out = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
-            return out.strip().rstrip("*") == "idle"
+            states = [s.rstrip("*") for s in out.split()]
+            return len(states) == len(procs) and all(s == "idle" for s in states)
 
-        _wait_for("slurmd (node idle)", idle, timeout, proc, log)
+        log = self.root / "log" / f"slurmd-{self.node_names[0]}.log"
+        _wait_for("slurmd (nodes idle)", idle, timeout, procs[0], log)
 
     def _wait_accounting(self, timeout: float) -> None:
         # slurmctld registers the cluster with slurmdbd on its own; sacct answers once it has.
@@ -467,9 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="directory for all cluster state")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="N >= 2: each node in its own network namespace")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cluster = LocalSlurmCluster(Path(args.root), cpus=args.cpus)
+    cluster = LocalSlurmCluster(Path(args.root), cpus=args.cpus, nodes=args.nodes)
     stop = False
 
     def _stop(*_):
