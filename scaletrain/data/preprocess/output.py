@@ -126,12 +126,15 @@ class ShardOutput:
         # what sizes a dataset (printed per sample by `scaletrain preprocess`).
         self.member_bytes: Counter[str] = Counter()
         self.num_samples = 0
+        # "{key}.{ext}" -> CRC-32 of the member's bytes (the loader verifies each on read).
+        self.member_checksums: dict[str, int] = {}
 
     def write(self, sample: dict[str, Any], bucket: tuple[int, int]) -> None:
         for ext, data in sample.items():
             if not ext.startswith("__"):
                 self.member_bytes[ext] += len(data)
                 self.member_bytes[TAR_OVERHEAD] += 512 + (-len(data)) % 512
+                self.member_checksums[f"{sample['__key__']}.{ext}"] = sf.member_checksum(data)
         self.writer.write(sample)
         self.num_samples += 1
         self.bucket_counts[sf.bucket_name(*bucket)] += 1
@@ -177,6 +180,7 @@ class ShardOutput:
             "sha256": sha256,
             "size_bytes": size_bytes,
             "config_fingerprint": fingerprint,
+            sf.MEMBER_CHECKSUMS: self.member_checksums,
             **encoders,
         }
         storage.write_json(manifest_path(self.out_dir, self.stem), manifest, self.cfg)
@@ -273,6 +277,7 @@ def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
     member_bytes: Counter[str] = Counter()
     fingerprints, encoders = set(), {}
     done = set()
+    checksummed = True  # every listed shard's manifest records its members' checksums
     tars = {name: size for name, (_, size) in storage.listing(out_dir, ".tar", cfg).items()}
     for name in sorted(storage.listing(out_dir, sf.MANIFEST_SUFFIX, cfg)):
         stem = name[: -len(sf.MANIFEST_SUFFIX)]
@@ -286,6 +291,7 @@ def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
                         storage.join(out_dir, manifest["name"]))
             continue
         done.add(stem)
+        checksummed = checksummed and sf.MEMBER_CHECKSUMS in manifest
         fingerprints.add(manifest["config_fingerprint"])
         encoders = {k: manifest[k] for k in ("image_encoder", "text_encoder") if k in manifest}
         shards.append(
@@ -342,6 +348,8 @@ def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
         "failed": failed,
         **encoders,
     }
+    if shards and checksummed:
+        index[sf.MEMBER_CHECKSUMS] = True  # the loader reads them from each shard's manifest
     storage.write_bytes(storage.join(out_dir, sf.LEDGER_NAME),
                         "".join(line + "\n" for line in ledger_lines), cfg)
     storage.write_json(storage.join(out_dir, sf.INDEX_NAME), index, cfg)  # last
