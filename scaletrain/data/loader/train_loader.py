@@ -247,6 +247,9 @@ class TrainLoader:
         if event["kind"] == "shard_failed":
             self._counters["failed_shards"] += 1
             counters["failed_shards"] += 1
+            # Recorded with the bad samples (a whole shard: no key); logged each epoch.
+            self._quarantine.setdefault(f"{src.name}/{event.get('shard_name', '')}",
+                                        event["reason"])
         else:
             self._counters["bad_samples"] += new
             counters["bad_samples"] += new
