@@ -52,7 +52,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 @dataclass
 class StorageConfig:
-    """How shards in object storage are reached (local paths ignore it).
+    """How shards in object storage are reached (local paths use only ``read_timeout_s``).
 
     Memory per open remote shard is about ``block_mb * (read_ahead + 1)``; a DataLoader
     worker has one shard open at a time."""
@@ -75,12 +75,18 @@ class StorageConfig:
     max_retries: int = 5
     # Seconds before the first retry; each further retry waits twice as long (max 30 s).
     retry_backoff_s: float = 0.5
+    # Seconds a read of a local (or network-mounted) shard may go without delivering a sample
+    # before the shard is given up for this epoch: named, its samples counted as lost, and
+    # training goes on. A hung mount must not hang training. 0 waits forever.
+    read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.block_mb > 0, "block_mb", f"must be > 0, got {self.block_mb}")
         require(self.read_ahead >= 1, "read_ahead", f"must be >= 1, got {self.read_ahead}")
         require(self.max_retries >= 0, "max_retries", f"must be >= 0, got {self.max_retries}")
         require(self.retry_backoff_s >= 0, "retry_backoff_s", "must be >= 0")
+        require(self.read_timeout_s >= 0, "read_timeout_s",
+                f"must be >= 0, got {self.read_timeout_s}")
 
     @property
     def block_bytes(self) -> int:

@@ -353,8 +353,8 @@ class Trainer:
         }
         if self.ema is not None:
             metrics["ema_updates"] = self.ema.updates
-        metrics.update({f"data/{k}": v for k, v in self.loader.metrics().items()
-                        if isinstance(v, (int, float))})
+        metrics.update({f"data/{k}": v for k, v in
+                        _loader_metrics_over_ranks(self.loader.metrics(), self.device).items()})
         self.metrics.log(self.state.step, metrics, samples_seen=self.state.samples_seen)
         if self.rank == 0:
             progress.info("%s", progress_line(self.state.step, self.cfg.train.max_steps, metrics))
@@ -376,6 +376,27 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def _loader_metrics_over_ranks(local: dict[str, object], device: torch.device
+                               ) -> dict[str, float]:
+    """The loader's counters summed over ranks (collectives at logging steps only, never per
+    step): each rank counts what it lost or skipped itself, and rank 0's alone would hide
+    rank 1's losses. Epochs are the lowest over ranks (the one still in progress somewhere).
+    Every rank's loader reports the same keys (one config)."""
+    numbers = {k: float(v) for k, v in sorted(local.items()) if isinstance(v, (int, float))}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return numbers
+    keys = list(numbers)
+    is_epoch = [k == "epoch" or k.endswith("/epoch") for k in keys]
+    sums = _all_reduce_sum([0.0 if e else numbers[k] for k, e in zip(keys, is_epoch)], device)
+    out = {k: v for k, v, e in zip(keys, sums, is_epoch) if not e}
+    epochs = [k for k, e in zip(keys, is_epoch) if e]
+    if epochs:
+        t = torch.tensor([numbers[k] for k in epochs], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        out.update(zip(epochs, t.tolist()))
+    return out
 
 
 def _forward_flops(model_cfg) -> float:

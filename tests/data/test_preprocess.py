@@ -220,10 +220,13 @@ def test_truncated_tars_keep_what_was_read(
     (raw / "00000.tar").write_bytes(full[: offsets["s3.txt"][1] + 5])  # inside a member
     (raw / "00001.tar").write_bytes(full[: offsets["s3.jpg"][0]])  # at a header: no end marker
     (raw / "00002.tar").write_bytes(full[: offsets["s0.jpg"][1] + 100])  # inside the first
-    (raw / "00003.tar").write_bytes(b"")  # zero bytes
+    (raw / "00003.tar").write_bytes(b"")  # zero bytes: not a tar (issue 14)
     summary = preprocess_shards(demo_cfg, f"{raw}/{{00000..00003}}.tar", tmp_path / "out")
     out = tmp_path / "out"
-    assert summary.shards_done == 4 and not summary.shards_failed  # damaged shards complete
+    assert summary.shards_done == 3  # damaged shards complete with what they had
+    # A file that is no tar at all is not committed as a complete empty shard: it fails
+    # (a rerun retries it).
+    assert [f["shard"] for f in summary.shards_failed] == ["00003"]
     ledger = _ledger(out)
     shard0 = [e for e in ledger if e["shard"] == "00000"]
     assert {(e["key"], e["code"]) for e in shard0} == {
@@ -239,10 +242,13 @@ def test_truncated_tars_keep_what_was_read(
     shard2 = [e for e in ledger if e["shard"] == "00002"]
     assert [(e["key"], e["code"]) for e in shard2] == [(None, "truncated_tar")]
     shard3 = [e for e in ledger if e["shard"] == "00003"]
-    assert [(e["key"], e["code"]) for e in shard3] == [(None, "corrupt_tar")]
+    assert [(e["key"], e["code"]) for e in shard3] == [(None, "shard_failed")]
+    assert "not a tar archive (0 bytes" in shard3[0]["reason"]
+    assert not (out / "00003.manifest.json").exists()
     assert sf.read_json(out / "00000.manifest.json")["tar_problem"]
     index = sf.read_index(out)
-    assert index["complete"] and index["num_samples"] == 6
+    assert not index["complete"] and index["missing"] == ["00003"]
+    assert index["num_samples"] == 6
     _assert_nothing_lost(out, [raw / "00000.tar", raw / "00001.tar"], read_latent_shard)
 
 

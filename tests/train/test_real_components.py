@@ -149,3 +149,29 @@ def test_validation_images_equal_scaletrain_sample_of_the_ema_export(shards, tmp
         sampled = np.asarray(Image.open(out / record["file"]))
         top, left = 2, 2 + i * (side + 2)  # the grid's cell of image i (padding 2, one row)
         np.testing.assert_array_equal(grid[top:top + side, left:left + side], sampled)
+
+
+def test_loader_counters_are_summed_over_ranks(tmp_path_factory, tmp_path):
+    """A bad shard read by rank 1 only: its lost samples reach the logged metrics (issue 14;
+    they used to show rank 0's counters alone, lost_samples=0)."""
+    from scaletrain.data.loader.plan import shards_for_slot
+
+    root = write_shards(tmp_path_factory.mktemp("latents_bad") / "shards")
+    (rank1_shard,) = shards_for_slot(0, 0, 2, 2, 1, 1, 0)  # seed 0, epoch 0, rank 1
+    path = root / f"{rank1_shard:06d}.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    steps = 6
+    overrides = [o for o in _overrides(root, 2, steps) if not o.startswith("checkpoint.every")]
+    proc = run_train(tmp_path, [*overrides, f"checkpoint.every={steps}"],
+                     config=REPO / "configs" / "train" / "demo.yaml")
+    assert proc.returncode == 0, explain(proc)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["step"] == steps
+    ckpt = ck.find_latest(tmp_path)
+    per_rank = [torch.load(f, weights_only=False) for f in ck.rank_files(ckpt, "data")]
+    lost = [s["metrics"]["lost_samples"] for s in per_rank]
+    assert lost[1] > 0  # rank 1 met the bad shard
+    for key in ("lost_samples", "failed_shards", "bad_samples"):
+        assert last[f"data/{key}"] == sum(s["metrics"][key] for s in per_rank), key

@@ -26,11 +26,23 @@ import torch
 
 from scaletrain.data.loader.plan import latent_seed
 from scaletrain.data.loader.tensor_view import load_tensors_view
+from scaletrain.data.loader.validate import (
+    BadSample,
+    check_declared,
+    check_finite,
+    check_meta_numbers,
+    verify_members,
+)
 from scaletrain.data.shard_format import LATENT_EXT, META_EXT, TEXT_EXT, bucket_name
 
 
-class BadSample(ValueError):
-    """A sample inside a readable tar cannot be used (missing file, wrong shapes)."""
+@dataclass(frozen=True)
+class SampleChecks:
+    """What each sample is validated against beyond its dims (:mod:`.validate`): the
+    dataset's declared latent dtype and the VAE's downsampling factor (None: not checked)."""
+
+    latent_dtype: str | None = None
+    downsample: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,10 +95,7 @@ class PendingSample:
 
 
 def _pair(meta: dict, name: str, key: str) -> list[float]:
-    value = meta.get(name)
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise BadSample(f"sample {key!r}: meta {name!r} must be [a, b], got {value!r}")
-    return [float(v) for v in value]
+    return check_meta_numbers(key, name, meta.get(name))
 
 
 def parse_sample(
@@ -96,13 +105,19 @@ def parse_sample(
     shard_id: int,
     position: int,
     schema: SampleSchema | None = None,
+    checks: SampleChecks | None = None,
+    checksums: dict[str, int] | None = None,
 ) -> PendingSample:
-    """Decode one raw sample (shard_format's layout) and check what batching relies on.
+    """Decode one raw sample (shard_format's layout) and check what batching relies on:
+    member checksums (when the manifest has them), dims, declared dtype and shape, finite
+    values, metadata. Any failure raises BadSample.
 
     Tensors are zero-copy views into ``files``' buffers, in their stored dtype."""
     missing = [ext for ext in (LATENT_EXT, TEXT_EXT, META_EXT) if ext not in files]
     if missing:
         raise BadSample(f"sample {key!r}: lacks {', '.join(missing)}")
+    if checksums is not None:
+        verify_members(key, files, checksums)
     try:
         latent = load_tensors_view(files[LATENT_EXT])
         text = load_tensors_view(files[TEXT_EXT])
@@ -118,14 +133,21 @@ def parse_sample(
     t5 = text.get("t5_hidden_states")
     if t5 is not None and t5.dim() != 2:
         raise BadSample(f"sample {key!r}: 't5_hidden_states' must be (L, D)")
+    if not isinstance(meta, dict):
+        raise BadSample(f"sample {key!r}: meta must be a JSON object")
     if schema is not None:
         schema.check(key, mean, hidden, pooled, t5)
+    bucket = meta.get("bucket")
+    if checks is not None:
+        dtype = getattr(torch, checks.latent_dtype) if checks.latent_dtype else None
+        check_declared(key, mean, std, bucket, dtype, checks.downsample)
+    check_finite(key, {"latent mean": mean, "latent std": std, "hidden_states": hidden,
+                       "pooled": pooled, "t5_hidden_states": t5})
     time_ids = (
         *_pair(meta, "original_size", key),
         *_pair(meta, "crop_top_left", key),
         *_pair(meta, "target_size", key),
     )
-    bucket = meta.get("bucket")
     name = bucket_name(*bucket) if isinstance(bucket, (list, tuple)) and len(bucket) == 2 else "?"
     # Group on the latent shape too: whatever the metadata says, a batch must stack.
     group = (name, tuple(mean.shape))

@@ -110,9 +110,16 @@ def _manifest_path(root: str, tar_name: str) -> str:
 
 def _read_json_or_none(url: str, cfg: StorageConfig | None) -> dict[str, Any] | None:
     try:
-        return storage.read_json(url, cfg)
+        data = storage.read_json(url, cfg)
     except FileNotFoundError:
         return None
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        # One line naming the file: a truncated index/manifest (a copy cut short, a full disk).
+        raise ValueError(f"{url}: not valid JSON ({exc}); truncated or damaged? rebuild it "
+                         "with `scaletrain preprocess` on the same input and output") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{url}: not a JSON object (got {type(data).__name__})")
+    return data
 
 
 def _find_values(node: Any, key: str, found: list[Any]) -> None:

@@ -456,6 +456,8 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         },
         "metrics": metrics,
         "source_metrics": per_source,
+        # Every rank's bad samples (issue 14): each rank restores all, so none is named twice.
+        "quarantine": {k: v for s in by_rank for k, v in s.get("quarantine", {}).items()},
     }
 
 

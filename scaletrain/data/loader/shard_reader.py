@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import queue
 import random
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,13 +176,81 @@ def iter_remote_samples(url: str, cfg: StorageConfig, stats: ReadStats | None = 
         yield from iter_streamed_samples(stream)
 
 
+class ReadTimeout(OSError):
+    """A shard read delivered nothing for ``read_timeout_s`` (a hung mount, a FIFO)."""
+
+
+# Reader threads left blocked by a timed-out read, by path: while one is still stuck, the
+# shard fails at once in later epochs instead of leaving one more thread behind each time.
+_STUCK: dict[str, threading.Thread] = {}
+
+
+def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str | Path
+                      ) -> Iterator[RawSample]:
+    """``samples`` read in a helper thread; raises ReadTimeout when the next sample takes
+    longer than ``timeout_s``. A read blocked in the kernel (open() of a FIFO, a hung NFS
+    server) cannot be interrupted: its daemon thread is left behind, holding one file, and
+    the shard is given up. The samples' bytes are views of the mapped file, so a mount that
+    hangs after the headers were read stalls the reader itself (see docs/data_loader.md)."""
+    stuck = _STUCK.get(str(path))
+    if stuck is not None and stuck.is_alive():
+        samples.close()
+        raise ReadTimeout("an earlier read of this shard is still blocked (it ran past "
+                          "data.storage.read_timeout_s); a hung mount, or not a regular file?")
+    handoff: queue.Queue = queue.Queue(maxsize=8)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for sample in samples:
+                if not put(("sample", sample)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            put(("error", exc))
+        finally:
+            samples.close()
+
+    reader = threading.Thread(target=produce, daemon=True, name=f"read {path}")
+    reader.start()
+    try:
+        while True:
+            try:
+                kind, value = handoff.get(timeout=timeout_s)
+            except queue.Empty:
+                _STUCK[str(path)] = reader
+                raise ReadTimeout(f"no data for {timeout_s:g} s (data.storage.read_timeout_s); "
+                                  "a hung mount, or not a regular file?") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
 def iter_samples(path: str | Path, cfg: StorageConfig | None = None,
                  stats: ReadStats | None = None, size: int | None = None
                  ) -> Iterator[RawSample]:
-    """The samples of a local or remote shard in stored order."""
+    """The samples of a local or remote shard in stored order. Local reads are bounded by
+    ``cfg.read_timeout_s`` (remote ones by the store's retries)."""
+    cfg = cfg or StorageConfig()
     if storage.is_local(path):
-        return iter_stored_samples(storage.local_path(path))
-    return iter_remote_samples(str(path), cfg or StorageConfig(), stats, size)
+        samples = iter_stored_samples(storage.local_path(path))
+        if cfg.read_timeout_s > 0:
+            return iter_with_timeout(samples, cfg.read_timeout_s, path)
+        return samples
+    return iter_remote_samples(str(path), cfg, stats, size)
 
 
 def read_shard_shuffled(

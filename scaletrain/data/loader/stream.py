@@ -38,6 +38,7 @@ from scaletrain.data import storage
 from scaletrain.data.loader.batching import (
     BadSample,
     PendingSample,
+    SampleChecks,
     SampleSchema,
     collate,
     parse_sample,
@@ -45,6 +46,7 @@ from scaletrain.data.loader.batching import (
 from scaletrain.data.loader.plan import MASK63, shards_for_slot, shuffle_seed, stable_hash
 from scaletrain.data.loader.progress import SourceView
 from scaletrain.data.loader.shard_reader import ShardFailure, read_shard_shuffled
+from scaletrain.data.loader.validate import read_member_checksums
 from scaletrain.data.storage import ReadStats, StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,10 @@ class StreamSpec:
     # plays logical worker (p + rotation) % W so that a restored rank resumes the round-robin
     # with the worker that was next.
     rotation: int = 0
+    # Per-sample validation (issue 14): declared dtype / shape, and per source whether its
+    # shards' manifests record member checksums to verify.
+    checks: SampleChecks | None = None
+    checksummed: tuple[bool, ...] = ()
 
 
 def choose_source(seed: int, batch: int, weights: tuple[float, ...],
@@ -115,9 +121,9 @@ def _weighted(u: float, weights: tuple[float, ...], among) -> int:
 
 
 def _loss_event(kind: str, source: int, epoch: int, shard_id: int, positions: list[int],
-                reason: str) -> dict[str, Any]:
+                reason: str, shard_name: str = "", key: str | None = None) -> dict[str, Any]:
     return {"kind": kind, "source": source, "epoch": epoch, "shard": shard_id,
-            "positions": positions, "reason": reason}
+            "positions": positions, "reason": reason, "shard_name": shard_name, "key": key}
 
 
 @dataclass
@@ -148,6 +154,15 @@ def source_stream(spec: StreamSpec, index: int, worker: int, stats: ReadStats
             consumed = view.consumed_mask(epoch, shard_id)
             name, count = shards[shard_id]
             path = storage.join(view.root, name)
+            checksums = None
+            if index < len(spec.checksummed) and spec.checksummed[index]:
+                try:
+                    checksums = read_member_checksums(view.root, name, spec.storage)
+                except Exception as exc:  # the shard cannot be verified: not read unverified
+                    lost = [p for p in range(count) if not consumed >> p & 1]
+                    reason = f"{path}: cannot read its manifest's checksums: {exc}"
+                    yield _loss_event("shard_failed", index, epoch, shard_id, lost, reason, name)
+                    continue
             items = read_shard_shuffled(
                 path, count, spec.shuffle_buffer, shuffle_seed(view.seed, epoch, shard_id),
                 spec.storage, stats, view.shard_bytes.get(name),
@@ -157,19 +172,21 @@ def source_stream(spec: StreamSpec, index: int, worker: int, stats: ReadStats
                     lost = [p for p in item.unread if not consumed >> p & 1]
                     if lost:
                         reason = f"{path}: {item.reason}"
-                        yield _loss_event("shard_failed", index, epoch, shard_id, lost, reason)
+                        yield _loss_event("shard_failed", index, epoch, shard_id, lost, reason,
+                                          name)
                     continue
                 read_any = True
                 if consumed >> item.position & 1:
                     continue
                 try:
                     sample = parse_sample(
-                        item.key, item.files, epoch, shard_id, item.position, spec.schema
+                        item.key, item.files, epoch, shard_id, item.position, spec.schema,
+                        spec.checks, checksums,
                     )
                 except BadSample as exc:
                     reason = f"{path}: {exc}"
                     yield _loss_event("bad_sample", index, epoch, shard_id, [item.position],
-                                      reason)
+                                      reason, name, item.key)
                     continue
                 group = buffers.setdefault(sample.group, [])
                 group.append(sample)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.signals import ignore_stop_signals
-from scaletrain.data.loader.batching import text_context
+from scaletrain.data.loader.batching import SampleChecks, text_context
 from scaletrain.data.loader.config import DataConfig, SourceConfig
 from scaletrain.data.loader.dataset_index import DatasetIndex, load_dataset_index
 from scaletrain.data.loader.info import DatasetInfo, NoReadableSample, dataset_info
@@ -47,6 +47,7 @@ from scaletrain.data.loader.stream import (
     StreamSpec,
 )
 from scaletrain.data.loader.synthetic import SyntheticLoader
+from scaletrain.data.shard_format import MEMBER_CHECKSUMS
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,15 @@ class TrainLoader:
         self._active: Iterator | None = None
         self._generation = 0
         self._warned: set[str] = set()
+        # Samples found bad (issue 14), named once each: "source/shard/key" -> reason. Kept in
+        # the state, so that a resumed run does not name them again.
+        self._quarantine: dict[str, str] = {}
+        for source in self.sources:
+            if not source.index.raw.get(MEMBER_CHECKSUMS):
+                self._log_rank0(logging.INFO, "%s (%s): written without per-member checksums; "
+                                "its samples are read unverified (rerun `scaletrain preprocess` "
+                                "into a fresh directory to add them)", source.key,
+                                source.cfg.path)
 
     # ------------------------------------------------------------------ sizes
 
@@ -168,6 +178,8 @@ class TrainLoader:
             base_batch=self._base_batch,
             first_batch=self._taken,
             rotation=self._next_worker,
+            checks=SampleChecks(self.info.latent_dtype, self.info.latent_downsample),
+            checksummed=tuple(bool(s.index.raw.get(MEMBER_CHECKSUMS)) for s in self.sources),
         )
         extra: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
@@ -238,9 +250,16 @@ class TrainLoader:
         if event["kind"] == "shard_failed":
             self._counters["failed_shards"] += 1
             counters["failed_shards"] += 1
+            # Recorded with the bad samples (a whole shard: no key); logged each epoch.
+            self._quarantine.setdefault(f"{src.name}/{event.get('shard_name', '')}",
+                                        event["reason"])
         else:
             self._counters["bad_samples"] += new
             counters["bad_samples"] += new
+            where = f"{src.name}/{event.get('shard_name', '')}/{event.get('key')}"
+            if where in self._quarantine:
+                return  # named when first found; counted again in each epoch that meets it
+            self._quarantine[where] = event["reason"]
         logger.warning(
             "rank %d: %s epoch %d: %s; skipped, %d samples lost",
             self.rank,
@@ -280,6 +299,11 @@ class TrainLoader:
                 out[f"source/{s.name}/epoch"] = max(self._source_epoch[s.name], s.progress.floor)
         return out
 
+    def quarantined(self) -> dict[str, str]:
+        """Samples this rank found bad so far (with those of a restored state): "source/shard/
+        key" -> reason."""
+        return dict(self._quarantine)
+
     def _source_totals(self, name: str) -> dict[str, int]:
         return {k: self._source_base[name][k] + self._source_counters[name][k]
                 for k in SOURCE_COUNTER_KEYS}
@@ -300,6 +324,7 @@ class TrainLoader:
             "next_worker": self._next_worker,
             "metrics": {k: self._base[k] + self._counters[k] for k in COUNTER_KEYS},
             "source_metrics": {s.name: self._source_totals(s.name) for s in self.sources},
+            "quarantine": dict(self._quarantine),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -357,6 +382,7 @@ class TrainLoader:
         base = state.get("metrics", {}) if carries else {}
         self._base = {k: int(base.get(k, 0)) for k in COUNTER_KEYS}
         self._counters = dict.fromkeys(COUNTER_KEYS, 0)
+        self._quarantine = {str(k): str(v) for k, v in state.get("quarantine", {}).items()}
         saved_sources = state.get("source_metrics", {}) if carries else {}
         for s in self.sources:
             saved = saved_sources.get(s.name, {})

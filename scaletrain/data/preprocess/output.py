@@ -73,10 +73,22 @@ def _read_json(url: str, cfg: StorageConfig | None) -> Any | None:
         return None
 
 
+def input_size(url: str, cfg: StorageConfig | None = None) -> int | None:
+    """Bytes of an input shard now, or None where that cannot be asked cheaply (pipe:,
+    http) or the input is gone."""
+    if not (storage.is_local(url) or storage.scheme(url) == "s3"):
+        return None
+    try:
+        return storage.size(url, cfg)
+    except (OSError, ValueError):
+        return None
+
+
 def shard_is_complete(out_dir: str | Path, stem: str, fingerprint: str, verify: bool = False,
-                      cfg: StorageConfig | None = None) -> bool:
-    """True when ``stem`` was finished by a run with this config; raises
-    FingerprintMismatch when it was finished by a run with another one."""
+                      cfg: StorageConfig | None = None, input_url: str | None = None) -> bool:
+    """True when ``stem`` was finished by a run with this config from the input as it is
+    now (same size as the manifest records; ``verify`` also compares the input's sha256);
+    raises FingerprintMismatch when it was finished by a run with another one."""
     out_dir = str(out_dir)
     mpath = manifest_path(out_dir, stem)
     manifest = _read_json(mpath, cfg)
@@ -91,6 +103,17 @@ def shard_is_complete(out_dir: str | Path, stem: str, fingerprint: str, verify: 
         )
     if storage.size(tar, cfg) != manifest.get("size_bytes"):
         return False
+    recorded = manifest.get("input") or {}
+    if input_url is not None and recorded.get("size_bytes") is not None:
+        now = input_size(input_url, cfg)
+        if now is not None and now != recorded["size_bytes"]:
+            log.info("%s: its input %s changed (%d -> %d bytes); redoing the shard", stem,
+                     input_url, recorded["size_bytes"], now)
+            return False
+    if verify and input_url is not None and recorded.get("sha256"):
+        if storage.is_local(input_url) and storage.local_path(input_url).is_file() and \
+                file_sha256(storage.local_path(input_url)) != recorded["sha256"]:
+            return False
     if not verify:
         return True
     digest = hashlib.sha256()
@@ -126,12 +149,15 @@ class ShardOutput:
         # what sizes a dataset (printed per sample by `scaletrain preprocess`).
         self.member_bytes: Counter[str] = Counter()
         self.num_samples = 0
+        # "{key}.{ext}" -> CRC-32 of the member's bytes (the loader verifies each on read).
+        self.member_checksums: dict[str, int] = {}
 
     def write(self, sample: dict[str, Any], bucket: tuple[int, int]) -> None:
         for ext, data in sample.items():
             if not ext.startswith("__"):
                 self.member_bytes[ext] += len(data)
                 self.member_bytes[TAR_OVERHEAD] += 512 + (-len(data)) % 512
+                self.member_checksums[f"{sample['__key__']}.{ext}"] = sf.member_checksum(data)
         self.writer.write(sample)
         self.num_samples += 1
         self.bucket_counts[sf.bucket_name(*bucket)] += 1
@@ -177,6 +203,7 @@ class ShardOutput:
             "sha256": sha256,
             "size_bytes": size_bytes,
             "config_fingerprint": fingerprint,
+            sf.MEMBER_CHECKSUMS: self.member_checksums,
             **encoders,
         }
         storage.write_json(manifest_path(self.out_dir, self.stem), manifest, self.cfg)
@@ -198,9 +225,49 @@ def record_failure(out_dir: str | Path, stem: str, url: str, reason: str,
                        {"shard": stem, "url": url, "reason": reason}, cfg)
 
 
+LOCK_DIR = ".locks"
+
+
+class ShardLocks:
+    """Per-shard locks on a local output (``OUT/.locks/{stem}.lock``, flock): two preprocess
+    runs on one output cooperate: each writes only the shards it could lock, and never
+    touches (or deletes the temporaries of) a shard another live run is writing. A lock dies
+    with its process, so a crashed run leaves nothing held. Object-store outputs stage their
+    temporaries in per-process local files and need none."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.dir = storage.local_path(out_dir) / LOCK_DIR if storage.is_local(out_dir) else None
+        self.fds: list[int] = []
+
+    def claim(self, stems: list[str]) -> tuple[list[str], list[str]]:
+        """(stems locked by this run, stems another run holds)."""
+        if self.dir is None:
+            return list(stems), []
+        import fcntl
+
+        self.dir.mkdir(exist_ok=True)
+        mine, theirs = [], []
+        for stem in stems:
+            fd = os.open(self.dir / f"{stem}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                theirs.append(stem)
+                continue
+            self.fds.append(fd)
+            mine.append(stem)
+        return mine, theirs
+
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)  # closing the descriptor releases its flock
+        self.fds = []
+
+
 def remove_stale_temporaries(out_dir: str | Path, stems: list[str]) -> None:
-    """Delete temporary tars of ``stems`` left by a crashed or preempted run. Only for this
-    rank's own shards: no other process writes them. (Remote output stages its temporaries
+    """Delete temporary tars of ``stems`` left by a crashed or preempted run. Only for the
+    shards this run holds the locks of (:class:`ShardLocks`): no live process writes them. (Remote output stages its temporaries
     locally, so nothing is left in the bucket.)"""
     if not storage.is_local(out_dir):
         return
@@ -273,6 +340,7 @@ def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
     member_bytes: Counter[str] = Counter()
     fingerprints, encoders = set(), {}
     done = set()
+    checksummed = True  # every listed shard's manifest records its members' checksums
     tars = {name: size for name, (_, size) in storage.listing(out_dir, ".tar", cfg).items()}
     for name in sorted(storage.listing(out_dir, sf.MANIFEST_SUFFIX, cfg)):
         stem = name[: -len(sf.MANIFEST_SUFFIX)]
@@ -286,6 +354,7 @@ def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
                         storage.join(out_dir, manifest["name"]))
             continue
         done.add(stem)
+        checksummed = checksummed and sf.MEMBER_CHECKSUMS in manifest
         fingerprints.add(manifest["config_fingerprint"])
         encoders = {k: manifest[k] for k in ("image_encoder", "text_encoder") if k in manifest}
         shards.append(
@@ -342,6 +411,8 @@ def _build_index(out_dir: str, cfg: StorageConfig | None) -> dict[str, Any]:
         "failed": failed,
         **encoders,
     }
+    if shards and checksummed:
+        index[sf.MEMBER_CHECKSUMS] = True  # the loader reads them from each shard's manifest
     storage.write_bytes(storage.join(out_dir, sf.LEDGER_NAME),
                         "".join(line + "\n" for line in ledger_lines), cfg)
     storage.write_json(storage.join(out_dir, sf.INDEX_NAME), index, cfg)  # last

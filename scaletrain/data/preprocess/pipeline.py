@@ -31,6 +31,7 @@ from scaletrain.data import storage
 from scaletrain.data.encoders import build_image_encoder, build_text_encoder, unbatch_text
 from scaletrain.data.preprocess.config import PreprocessConfig, output_fingerprint
 from scaletrain.data.preprocess.output import (
+    ShardLocks,
     ShardOutput,
     check_same_config,
     finalize_index,
@@ -69,6 +70,8 @@ class PreprocessSummary:
     shards_done: int = 0
     shards_already_complete: int = 0
     shards_failed: list[dict[str, str]] = field(default_factory=list)
+    # Shards another preprocess run on the same output was writing (left to it).
+    shards_held_elsewhere: int = 0
     samples_written: int = 0
     samples_skipped: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
@@ -91,6 +94,7 @@ class PreprocessSummary:
             out.shards_done += p.shards_done
             out.shards_already_complete += p.shards_already_complete
             out.shards_failed += p.shards_failed
+            out.shards_held_elsewhere += p.shards_held_elsewhere
             out.samples_written += p.samples_written
             out.samples_skipped += p.samples_skipped
             reasons.update(p.skipped_by_reason)
@@ -203,7 +207,7 @@ def preprocess_shards(
     write_plan(out_dir, table, fingerprint, storage_cfg)
     mine = assign(table, rank, world)
     todo = [(s, u) for s, u in mine
-            if not shard_is_complete(out_dir, s, fingerprint, verify, storage_cfg)]
+            if not shard_is_complete(out_dir, s, fingerprint, verify, storage_cfg, u)]
     summary = PreprocessSummary(rank=rank, world=world, shards_assigned=len(mine))
     summary.shards_already_complete = len(mine) - len(todo)
     log.info(
@@ -215,14 +219,25 @@ def preprocess_shards(
         len(todo),
         out_dir,
     )
-    remove_stale_temporaries(out_dir, [stem for stem, _ in todo])
-    if todo:
-        if cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
-        encoders = _Encoders(cfg)
-        write_empty_prompt(out_dir, encoders.text, fingerprint, storage_cfg)
-        _ShardRun(cfg, out_dir, encoders, fingerprint, summary, rank, len(todo),
-                  storage_cfg).run(todo)
+    locks = ShardLocks(out_dir)
+    try:
+        mine_now, theirs = locks.claim([stem for stem, _ in todo])
+        if theirs:
+            log.warning("rank %d/%d: %d shards are being written by another preprocess run on "
+                        "%s (%s%s); left to it", rank, world, len(theirs), out_dir,
+                        ", ".join(theirs[:5]), " ..." if len(theirs) > 5 else "")
+        todo = [(s, u) for s, u in todo if s in set(mine_now)]
+        summary.shards_held_elsewhere = len(theirs)
+        remove_stale_temporaries(out_dir, [stem for stem, _ in todo])
+        if todo:
+            if cfg.cpu_threads:
+                torch.set_num_threads(cfg.cpu_threads)
+            encoders = _Encoders(cfg)
+            write_empty_prompt(out_dir, encoders.text, fingerprint, storage_cfg)
+            _ShardRun(cfg, out_dir, encoders, fingerprint, summary, rank, len(todo),
+                      storage_cfg).run(todo)
+    finally:
+        locks.release()
     summary.seconds = time.perf_counter() - start
     if finalize:
         finalize_index(out_dir, storage_cfg)

@@ -168,6 +168,12 @@ def iter_raw_samples(
             raise ShardReadError(f"{url}: reader failed: {exc}") from exc
     stats.sha256 = stream.hash.hexdigest()
     stats.num_bytes = stream.count
+    if problem is not None and stats.num_members == 0:
+        # Not a tar at all (a 0-byte file, an HTML error page saved as .tar): failing the
+        # shard, instead of committing it as complete with 0 samples, lets a rerun pick up
+        # the real file once it is there (issue 14).
+        raise ShardReadError(f"{url}: not a tar archive ({stream.count} bytes, "
+                             f"sha256 {stats.sha256[:12]}): {problem.reason}")
     if problem is None and (stream.count % BLOCK or stream.tail != END_MARKER):
         problem = TarProblem(
             "truncated_tar",

@@ -177,6 +177,22 @@ def _source_url(data: bytes | None) -> str | None:
     return url if isinstance(url, str) else None
 
 
+def unsafe_key(key: str) -> tuple[str, str] | None:
+    """(code, reason) when a sample key must not be written to an output tar: a path that
+    leaves the directory it is extracted into (``../``, an absolute path, a drive), or a
+    name WebDataset readers take for metadata (``__key__``-style, never delivered). Such
+    samples are skipped and recorded in the ledger, never copied (issue 14)."""
+    parts = key.replace("\\", "/").split("/")
+    if key.startswith(("/", "\\")) or (len(key) > 1 and key[1] == ":") or any(
+            p in ("", ".", "..") for p in parts):
+        return "unsafe_key", (f"key {key[:200]!r} is an absolute path or leaves its folder "
+                              "(../); not copied into an output tar")
+    if parts[-1].startswith("__"):
+        return "reserved_key", (f"key {key[:200]!r} starts with '__', which WebDataset "
+                                "readers take for metadata: it could never be delivered")
+    return None
+
+
 def iter_shard(
     stem: str, url: str, preparer: SamplePreparer, part: int = 0, parts: int = 1,
     storage_cfg: StorageConfig | None = None,
@@ -201,6 +217,10 @@ def iter_shard(
             if group % parts != part:
                 continue
             end.num_groups += 1
+            unsafe = unsafe_key(item.key)
+            if unsafe is not None:
+                yield Skipped(stem, item.key, *unsafe)
+                continue
             if duplicate:
                 yield Skipped(
                     stem,
