@@ -3,7 +3,9 @@
     loss, logs = objective(model_fn, batch, generator)
 
 draws, in this order and all from ``generator`` (seeded per step by the trainer, so every
-epoch differs yet a seed replays it): the CFG dropout masks, the timesteps, the noise. It forms
+epoch differs yet a seed replays it): the posterior sample x0 when the batch carries the
+latents' mean and std (:mod:`scaletrain.diffusion.latents`), the CFG dropout masks, the
+timesteps, the noise. It forms
 x_t = a x0 + b eps, calls ``model_fn(x_t, model_timestep, cond)`` and returns the weighted MSE
 per sample (shape [B], float32) so the trainer can bucket the loss by timestep.
 
@@ -35,6 +37,7 @@ from scaletrain.diffusion.conditioning import (
     drop_conditioning,
 )
 from scaletrain.diffusion.config import DiffusionConfig
+from scaletrain.diffusion.latents import draw_latents
 from scaletrain.diffusion.parameterization import target_from_x0_eps
 from scaletrain.diffusion.schedules import DiscreteSchedule
 from scaletrain.diffusion.timesteps import (
@@ -151,12 +154,9 @@ class Objective:
     def __call__(
         self, model_fn: ModelFn, batch: Mapping[str, Any], generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        if "latents" not in batch:
-            raise KeyError(f"batch has no 'latents'; keys: {sorted(batch)}")
-        x0 = batch["latents"]
+        x0 = draw_latents(batch, generator)
         if x0.ndim < 2:
             raise ValueError(f"batch['latents'] must be (B, ...), got {tuple(x0.shape)}")
-        x0 = x0.float()
         batch_size = x0.shape[0]
 
         null_cond = batch.get("null_cond", self.null_cond)

@@ -160,7 +160,7 @@ class HeldOutSet:
             if sample is None:
                 raise RuntimeError(f"held-out sample {i} was not kept by this rank")
             samples.append(sample)
-        return collate(samples, seed=0, scaling_factor=self.source.scaling_factor,
+        return collate(samples, scaling_factor=self.source.scaling_factor,
                        shift_factor=self.source.shift_factor, max_tokens=self.max_text_tokens,
                        sample_latents=False)
 

@@ -103,16 +103,21 @@ def step_seed(seed: int, rank: int, samples_seen: int, micro: int) -> int:
 
 @dataclass
 class StepResult:
-    loss_sum: float  # sum of this rank's finite micro-batch losses
-    nonfinite: int  # this rank's micro-batches with a non-finite loss
+    """What a step leaves on the device; nothing here is read back to the host per step."""
+
+    loss_sum: torch.Tensor  # sum of this rank's finite micro-batch losses (float64, 0-dim)
 
 
 def train_step(engine, objective, model_fn: ModelFn, batches: Iterator[dict[str, Any]],
                loss_by_t: LossByTimestep, seeds: list[int], device: torch.device,
                data_wait=contextlib.nullcontext) -> StepResult:
     """One optimizer step: a micro-batch of forward and backward per seed (``grad_accum`` of
-    them); DeepSpeed applies (or, on non-finite gradients, skips) the update at the last."""
-    result = StepResult(0.0, 0)
+    them); DeepSpeed applies (or, on non-finite gradients, skips) the update at the last.
+
+    No value is read back to the host here: the loss is summed on the device (a ``float()``
+    per micro-batch would wait for the GPU to drain its queue before the next micro-batch is
+    launched), and whether a step was skipped is what DeepSpeed itself decided."""
+    result = StepResult(torch.zeros((), dtype=torch.float64, device=device))
     for seed in seeds:
         with data_wait():
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
@@ -120,12 +125,9 @@ def train_step(engine, objective, model_fn: ModelFn, batches: Iterator[dict[str,
         generator = torch.Generator(device=device).manual_seed(seed)
         per_sample, logs = objective(model_fn, batch, generator)
         loss = per_sample.float().mean()
-        value = float(loss.detach())
-        if math.isfinite(value):
-            result.loss_sum += value
-            loss_by_t.add(logs["timesteps"], per_sample.float())
-        else:
-            result.nonfinite += 1
+        finite = torch.isfinite(loss.detach())
+        result.loss_sum += torch.where(finite, loss.detach(), 0.0).double()
+        loss_by_t.add(logs["timesteps"], per_sample.float(), where=finite)
         engine.backward(loss)
         engine.step()
     return result
@@ -207,7 +209,13 @@ class Trainer:
         self.throughput.load_state_dict({"skipped_steps": self.state.skipped_steps})
         self.loss_by_t = LossByTimestep(cfg.logging.loss_buckets)
         self.diagnostics = DiagnosticsSchedule(cfg.logging.diagnostics_every)
-        self.losses: list[float] = []  # mean loss of each applied step since the last log
+        # Loss of the applied steps since the last log, summed on the device; read back (and
+        # reduced over ranks) only at logging steps.
+        self.loss_window = torch.zeros((), dtype=torch.float64, device=device)
+        self.applied_in_window = 0
+        # Preemption is agreed on every step over a CPU (gloo) group: a flag exchange that
+        # never waits for the GPU (with NCCL, a reduction would).
+        self.flag_group = _cpu_group()
         self.consecutive_skips = 0
         self.last_skipped = False
         self.bar = tqdm(total=train.max_steps, initial=self.state.step, desc="train", unit="step",
@@ -305,13 +313,13 @@ class Trainer:
                             last_grid=str(last_grid[-1]) if last_grid else None)
 
     def _finish_step(self, result: StepResult) -> bool:
-        """Agree across ranks on the step's loss, whether it was skipped and whether to stop
-        for preemption; count it. Returns whether a preemption was requested on any rank."""
+        """Whether the step was skipped, whether to stop for preemption; count the step.
+        Returns whether a preemption was requested on any rank."""
         # A NaN loss on any rank makes the reduced gradients NaN everywhere, so DeepSpeed
-        # skips the update on all ranks; the sum makes the counts agree too.
-        loss_sum, nonfinite, preempted = _all_reduce_sum(
-            [result.loss_sum, result.nonfinite, float(self.preempt.is_set)], self.device)
-        self.last_skipped = step_was_skipped(self.engine) or nonfinite > 0
+        # skips the update on all ranks (bf16 check_grad_overflow, or ZeRO's overflow check):
+        # its decision, which it already reduced over the ranks, is the one skip signal.
+        self.last_skipped = step_was_skipped(self.engine)
+        preempted = _any_rank(self.preempt.is_set, self.flag_group)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         self.throughput.step_done(self.global_batch, skipped=self.last_skipped)
@@ -321,9 +329,9 @@ class Trainer:
             self._skipped(self.consecutive_skips)
         else:
             self.consecutive_skips = 0
-            self.losses.append(loss_sum / (self.world * self.cfg.train.grad_accum))
-            self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
-        return preempted > 0
+            self.loss_window += result.loss_sum
+            self.applied_in_window += 1
+        return preempted
 
     def _skipped(self, in_a_row: int) -> None:
         self.state.skipped_steps += 1
@@ -341,9 +349,16 @@ class Trainer:
         """Collective (every rank calls it at the same steps); rank 0 writes."""
         self.loss_by_t.all_reduce()
         grad_norm = self.engine.get_global_grad_norm()
-        losses, self.losses = self.losses, []
+        # The window's only read-back of the loss (and its only collective on it).
+        window = _all_reduce_sum([self.loss_window], self.device)[0]
+        applied, self.applied_in_window = self.applied_in_window, 0
+        self.loss_window.zero_()
+        loss = (window / (applied * self.world * self.cfg.train.grad_accum) if applied
+                else float("nan"))
+        if applied:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
         metrics = {
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "skipped_steps": self.state.skipped_steps,
@@ -372,8 +387,8 @@ class Trainer:
             module.train()
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_sum(values: list[torch.Tensor], device: torch.device) -> list[float]:
+    t = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -397,6 +412,19 @@ def _loader_metrics_over_ranks(local: dict[str, object], device: torch.device
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         out.update(zip(epochs, t.tolist()))
     return out
+
+
+def _cpu_group():
+    """A gloo group of all ranks for host-side flags (None: the default group is gloo)."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _any_rank(flag: bool, group) -> bool:
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _forward_flops(model_cfg) -> float:

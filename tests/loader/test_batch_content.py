@@ -1,4 +1,5 @@
-"""What a batch holds: latent draws and normalisation, text layout (SDXL and SD3), time_ids."""
+"""What a batch holds: the latents' stored mean and std (drawn and normalised in the step),
+text layout (SDXL and SD3), time_ids."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from scaletrain.data.loader import DataConfig, build_train_loader
-from scaletrain.data.loader.plan import latent_seed
+from scaletrain.diffusion.latents import draw_latents
 
 
 def first_batches(path, steps, seed=3, **cfg):
@@ -19,8 +20,11 @@ def first_batches(path, steps, seed=3, **cfg):
 def test_batch_keys_shapes_and_dtypes(dataset):
     loader, (batch,) = first_batches(dataset.root, 1, max_text_tokens=12)
     b = 4
-    h, w = batch["latents"].shape[-2:]
-    assert batch["latents"].shape == (b, 4, h, w) and batch["latents"].dtype == torch.float32
+    h, w = batch["latents_mean"].shape[-2:]
+    # Stored dtype (the fixture stores bfloat16): the step converts on its device.
+    for name in ("latents_mean", "latents_std"):
+        assert batch[name].shape == (b, 4, h, w) and batch[name].dtype == torch.bfloat16
+    assert "latents" not in batch
     assert batch["encoder_hidden_states"].shape == (b, 12, 16)
     assert batch["encoder_hidden_states"].dtype == torch.float32
     assert "encoder_attention_mask" not in batch  # the models attend to every position
@@ -49,39 +53,39 @@ def test_latents_without_std_are_the_normalised_mean(make_dataset):
     data = make_dataset(zero_std=True)
     _, batches = first_batches(data.root, 4)
     for batch in batches:
+        x0 = draw_latents(batch, torch.Generator().manual_seed(0))
         for i, key in enumerate(batch["keys"]):
             mean = data.samples[key][1]["mean"].float()
             expected = (mean - data.shift) * data.scaling
-            assert torch.allclose(batch["latents"][i], expected, atol=1e-5)
+            assert torch.allclose(x0[i], expected, atol=1e-5)
 
 
-def test_latent_draws_are_seeded_reproducible_and_new_each_epoch(dataset):
-    # 96 samples / 4 = 24 batches per epoch; 60 batches reach well into epoch 2.
-    _, run_a = first_batches(dataset.root, 60)
-    _, run_b = first_batches(dataset.root, 60)
-    latents: dict[tuple[int, str], torch.Tensor] = {}
+def test_batches_carry_the_stored_mean_and_std_reproducibly(dataset):
+    # 96 samples / 4 = 24 batches per epoch; 30 batches reach into epoch 2.
+    _, run_a = first_batches(dataset.root, 30)
+    _, run_b = first_batches(dataset.root, 30)
     for batch_a, batch_b in zip(run_a, run_b):
         assert batch_a["keys"] == batch_b["keys"]
-        assert torch.equal(batch_a["latents"], batch_b["latents"])
-        for i, (epoch, key) in enumerate(zip(batch_a["epochs"], batch_a["keys"])):
-            latents[epoch, key] = batch_a["latents"][i]
-    both = [k for (e, k) in latents if e == 0 and (1, k) in latents]
-    assert len(both) > 50
-    for key in both:
-        assert not torch.allclose(latents[0, key], latents[1, key])
-        # z = mean + std * eps with eps from the generator seeded by (seed, epoch, key).
-        _, latent, _, _ = dataset.samples[key]
-        mean, std = latent["mean"].float(), latent["std"].float()
-        for epoch in (0, 1):
-            gen = torch.Generator().manual_seed(latent_seed(3, epoch, key))
-            eps = torch.randn(mean.shape, generator=gen)
-            expected = (mean + std * eps - dataset.shift) * dataset.scaling
-            assert torch.allclose(latents[epoch, key], expected, atol=1e-5)
-    # A different seed draws different noise.
-    _, other = first_batches(dataset.root, 1, seed=4)
-    assert other[0]["keys"] != run_a[0]["keys"] or not torch.equal(
-        other[0]["latents"], run_a[0]["latents"]
-    )
+        assert torch.equal(batch_a["latents_mean"], batch_b["latents_mean"])
+        assert torch.equal(batch_a["latents_std"], batch_b["latents_std"])
+        assert batch_a["latent_scaling_factor"] == dataset.scaling
+        assert batch_a["latent_shift_factor"] == dataset.shift
+        for i, key in enumerate(batch_a["keys"]):
+            _, latent, _, _ = dataset.samples[key]
+            assert torch.equal(batch_a["latents_mean"][i], latent["mean"])
+            assert torch.equal(batch_a["latents_std"][i], latent["std"])
+
+
+def test_the_step_draws_mean_plus_std_eps_from_its_generator(dataset):
+    _, (batch,) = first_batches(dataset.root, 1)
+    x0 = draw_latents(batch, torch.Generator().manual_seed(11))
+    eps = torch.randn(batch["latents_mean"].shape, generator=torch.Generator().manual_seed(11))
+    mean, std = batch["latents_mean"].float(), batch["latents_std"].float()
+    assert x0.dtype == torch.float32
+    assert torch.allclose(x0, (mean + std * eps - dataset.shift) * dataset.scaling, atol=1e-5)
+    # Another step's generator draws another posterior sample of the same batch.
+    other = draw_latents(batch, torch.Generator().manual_seed(12))
+    assert not torch.allclose(x0, other)
 
 
 def test_sample_latents_false_uses_the_mean(dataset):

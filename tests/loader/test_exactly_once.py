@@ -81,8 +81,8 @@ def test_batches_are_full_and_from_one_bucket(dataset):
         buckets = {tuple(dataset.samples[k][3]["bucket"]) for k in batch["keys"]}
         assert len(buckets) == 1
         (h, w) = buckets.pop()
-        assert batch["latents"].shape == (5, 4, h // 8, w // 8)
-        shapes.add(batch["latents"].shape)
+        assert batch["latents_mean"].shape == (5, 4, h // 8, w // 8)
+        shapes.add(batch["latents_mean"].shape)
     assert len(shapes) == 3  # all three aspect buckets occur
 
 
@@ -109,7 +109,7 @@ def _collect(iterators, steps):
 def _assert_same_batches(a, b):
     assert [x["keys"] for x in a] == [y["keys"] for y in b]
     for x, y in zip(a, b):
-        for name in ("latents", "encoder_hidden_states", "pooled"):
+        for name in ("latents_mean", "latents_std", "encoder_hidden_states", "pooled"):
             assert torch.equal(x[name], y[name]), name
 
 

@@ -19,6 +19,15 @@ def test_bucket_means_and_edges():
     assert acc.summary() == {}  # reset after summary
 
 
+def test_where_leaves_out_non_finite_micro_batches_without_a_read_back():
+    acc = LossByTimestep(2)
+    t = torch.tensor([0.1, 0.9])
+    acc.add(t, torch.tensor([1.0, 3.0]), where=torch.tensor(True))
+    acc.add(t, torch.tensor([float("nan"), float("inf")]), where=torch.tensor(False))
+    acc.add(t, torch.tensor([5.0, float("nan")]), where=torch.tensor([True, False]))
+    assert acc.summary() == {"loss_t/0.0-0.5": 3.0, "loss_t/0.5-1.0": 3.0}
+
+
 def test_labels_for_ten_buckets():
     assert LossByTimestep(10).labels[:2] == ["loss_t/0.0-0.1", "loss_t/0.1-0.2"]
 

@@ -2,9 +2,14 @@
 
 Batch keys (B = batch size, L = max_text_tokens):
 
-* ``latents`` (B, C, H, W) float32: ``(z - shift) * scale`` with ``z = mean + std * eps``,
-  ``eps`` drawn from a generator seeded by (seed, epoch, sample key) (Rombach et al. 2022,
-  sec. 3: a fresh draw of the posterior per epoch; scale/shift as the VAE's config).
+* ``latents_mean``, ``latents_std`` (B, C, H, W) in their stored dtype, with the floats
+  ``latent_scaling_factor`` and ``latent_shift_factor`` (the VAE's config): the training step
+  draws ``z = mean + std * eps`` on its device with its own generator and normalises it
+  (``scaletrain.diffusion.latents.draw_latents``; Rombach et al. 2022, sec. 3: a fresh draw of
+  the posterior each time a sample is seen). Drawing there rather than here halves the
+  loader's work per sample and keeps the draw on the GPU.
+* ``latents`` (B, C, H, W) float32 instead, with ``sample_latents=False``: the normalised
+  mean ``(mean - shift) * scale`` (held-out evaluation uses it).
 * ``encoder_hidden_states`` (B, L, D) float32, zero-padded (no mask: the models attend to
   every position, see scaletrain.diffusion.conditioning). SD3-style data (``t5_hidden_states`` stored) becomes the
   MMDiT context as SD3 builds it (Esser et al. 2024, sec. 5.2): the CLIP states zero-padded on
@@ -24,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-from scaletrain.data.loader.plan import latent_seed
 from scaletrain.data.loader.tensor_view import load_tensors_view
 from scaletrain.data.loader.validate import (
     BadSample,
@@ -201,26 +205,28 @@ def text_context(text: dict[str, torch.Tensor], max_tokens: int) -> dict[str, to
 
 def collate(
     samples: Sequence[PendingSample],
-    seed: int,
     scaling_factor: float,
     shift_factor: float,
     max_tokens: int,
     sample_latents: bool,
 ) -> dict:
     """The batch dict of samples that share one group (bucket and latent shape)."""
-    # One pass per sample while its latent is cache-hot: eps -> eps * std + mean -> normalise.
-    latents = torch.empty((len(samples), *samples[0].mean.shape), dtype=torch.float32)
-    for i, s in enumerate(samples):
-        z = latents[i]
-        if sample_latents:
-            gen = torch.Generator().manual_seed(latent_seed(seed, s.epoch, s.key))
-            torch.randn(s.mean.shape, generator=gen, out=z)
-            torch.addcmul(s.mean, s.std, z, out=z)  # mean + std * eps, in one pass
-        else:
-            z.copy_(s.mean)
+    if sample_latents:
+        # Stored dtype, one copy: the draw and normalisation happen in the training step.
+        latents = {
+            "latents_mean": torch.stack([s.mean for s in samples]),
+            "latents_std": torch.stack([s.std for s in samples]),
+            "latent_scaling_factor": float(scaling_factor),
+            "latent_shift_factor": float(shift_factor),
+        }
+    else:
+        mean = torch.empty((len(samples), *samples[0].mean.shape), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            mean[i].copy_(s.mean)
         if shift_factor:
-            z.sub_(shift_factor)
-        z.mul_(scaling_factor)
+            mean.sub_(shift_factor)
+        mean.mul_(scaling_factor)
+        latents = {"latents": mean}
 
     with_t5 = [s.t5_hidden_states is not None for s in samples]
     if any(with_t5) and not all(with_t5):
@@ -234,7 +240,7 @@ def collate(
     if len(pooled_widths) > 1:
         raise BadSample(f"pooled widths differ within a batch: {sorted(pooled_widths)}")
     return {
-        "latents": latents,
+        **latents,
         "encoder_hidden_states": context,
         "pooled": torch.stack([s.pooled for s in samples]).float(),
         "time_ids": torch.tensor([s.time_ids for s in samples], dtype=torch.float32),

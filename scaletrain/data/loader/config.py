@@ -88,9 +88,10 @@ class DataConfig:
     # Text tokens per sample after padding: encoder_hidden_states is (B, max_text_tokens, D).
     # SD3-style data puts CLIP then T5 tokens in it, so it needs room for both (77 + 256).
     max_text_tokens: int = 77
-    # Added to the run's seed for everything the loader draws (shard order, shuffles, latents).
+    # Added to the run's seed for everything the loader draws (shard order, shuffles).
     seed_offset: int = 0
-    # Draw z = mean + std * eps each epoch (Rombach et al. 2022); false uses the mean.
+    # Draw z = mean + std * eps (in the training step, on its device; Rombach et al. 2022)
+    # each time a sample is seen; false uses the mean.
     sample_latents: bool = True
     # Batches each DataLoader worker prepares ahead (DataLoader's prefetch_factor).
     prefetch_factor: int = 2

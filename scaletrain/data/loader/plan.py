@@ -79,8 +79,3 @@ def shuffle_seed(seed: int, epoch: int, shard_id: int) -> int:
     """Seed of the shuffle inside one shard in one epoch."""
     return stable_hash(seed, "shuffle", epoch, shard_id)
 
-
-def latent_seed(seed: int, epoch: int, key: str) -> int:
-    """Seed of one sample's latent draw: the same sample in the same epoch always gets the
-    same noise whatever the layout, and a new one every epoch."""
-    return stable_hash(seed, "latent", epoch, key)

@@ -251,7 +251,6 @@ def slot_stream(spec: StreamSpec, worker: int) -> Iterator[dict[str, Any]]:
 def _batch(samples: list[PendingSample], spec: StreamSpec, source: int) -> dict[str, Any]:
     batch = collate(
         samples,
-        spec.sources[source].seed,
         spec.scaling_factor,
         spec.shift_factor,
         spec.max_text_tokens,

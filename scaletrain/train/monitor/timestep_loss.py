@@ -32,8 +32,12 @@ class LossByTimestep:
         # Row 0: loss sums, row 1: sample counts. float64 so long windows lose no precision.
         self.totals = torch.zeros(2, num_buckets, dtype=torch.float64)
 
-    def add(self, t: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
+    def add(self, t: torch.Tensor, per_sample_loss: torch.Tensor,
+            where: torch.Tensor | None = None) -> None:
         """Add one batch: ``t`` normalised timesteps in [0, 1] and the loss of each sample.
+
+        ``where`` (a bool tensor, 0-dim or per sample) leaves out what is False without a
+        read-back to the host: the trainer passes whether the micro-batch's loss is finite.
 
         Discrete timesteps must be normalised first (t / (num_train_timesteps - 1)); a CPU
         ``t`` outside [0, 1] raises (on accelerators the check is skipped to avoid a sync).
@@ -50,8 +54,14 @@ class LossByTimestep:
         if self.totals.device != loss.device:
             self.totals = self.totals.to(loss.device)
         index = (t.to(torch.float64) * self.num_buckets).long().clamp_(0, self.num_buckets - 1)
-        self.totals[0].index_add_(0, index, loss.to(torch.float64))
-        self.totals[1].index_add_(0, index, torch.ones_like(loss, dtype=torch.float64))
+        loss = loss.to(torch.float64)
+        count = torch.ones_like(loss)
+        if where is not None:
+            keep = where.to(loss.device).expand_as(loss)
+            loss = torch.where(keep, loss, 0.0)  # not loss * keep: NaN * 0 is NaN
+            count = keep.to(torch.float64)
+        self.totals[0].index_add_(0, index, loss)
+        self.totals[1].index_add_(0, index, count)
 
     def reduce_(self, reduce_fn) -> None:
         """Apply an in-place sum across ranks to the totals, e.g. ``dist.all_reduce``."""
