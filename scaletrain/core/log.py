@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _FORMAT = "%(asctime)s [%(levelname)s] [rank %(rank)s] %(name)s: %(message)s"
 
@@ -31,6 +32,16 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def quiet_dependency_warnings() -> None:
+    """Hide deprecation notices raised inside dependencies (a user cannot act on them);
+    scaletrain's own stay visible. SCALETRAIN_SHOW_WARNINGS=1 shows everything."""
+    if os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1":
+        return
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("default", category=category, module=r"scaletrain(\.|$)")
+
+
 def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool = False) -> None:
     """Configure the root logger once for this process."""
     rank = env_rank() if rank is None else rank
@@ -44,6 +55,7 @@ def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(effective)
+    quiet_dependency_warnings()
     # Third-party libraries are noisy at INFO; keep them at WARNING.
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

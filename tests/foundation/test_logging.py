@@ -43,3 +43,19 @@ def test_env_rank_reads_torchrun_then_slurm(monkeypatch):
     assert env_rank() == 4
     monkeypatch.setenv("RANK", "2")
     assert env_rank() == 2
+
+
+def test_dependency_deprecation_warnings_are_quiet_ours_are_not(monkeypatch):
+    import warnings
+
+    from scaletrain.core.log import setup_logging
+
+    monkeypatch.delenv("SCALETRAIN_SHOW_WARNINGS", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()
+        setup_logging("INFO", rank=0)
+        for module, category in (("diffusers.models.x", FutureWarning),
+                                 ("deepspeed.runtime", DeprecationWarning),
+                                 ("scaletrain.train.loop", DeprecationWarning)):
+            warnings.warn_explicit("old api", category, f"{module}.py", 1, module=module)
+    assert [w.filename for w in seen] == ["scaletrain.train.loop.py"]
