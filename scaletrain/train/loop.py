@@ -9,6 +9,7 @@ so a resumed run draws exactly what an uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from scaletrain.core.config_base import dump_yaml, save_config, to_dict
 from scaletrain.core.dist_env import dist_env_from_environ
-from scaletrain.core.run_dir import checkpoints_dir, eval_dir, run_lock
+from scaletrain.core.run_dir import checkpoints_dir, eval_dir, newest_healthy, run_lock
 from scaletrain.data.loader import build_train_loader
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.conditioning import ModelFn, cast_inputs, make_model_fn
@@ -59,7 +60,18 @@ class TrainOutcome:
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
+    """Too many consecutive steps had a non-finite loss or gradient norm, or an update left
+    non-finite or exploding weights (train.max_weight_norm)."""
+
+
+def kept_checkpoint_note(run_dir: Path) -> str:
+    """The stop message's last sentence: which checkpoint to go back to (the newest healthy
+    one, which pruning never removes)."""
+    healthy = newest_healthy(run_dir)
+    if healthy is None:
+        return f"No healthy checkpoint in {checkpoints_dir(run_dir)}."
+    return (f"The last healthy checkpoint is kept: {healthy} (newer ones hold the damaged "
+            "state; move them aside to resume from it).")
 
 
 def step_seed(seed: int, rank: int, samples_seen: int, micro: int) -> int:
@@ -163,6 +175,10 @@ class Trainer:
         self.losses: list[float] = []  # mean loss of each applied step since the last log
         self.consecutive_skips = 0
         self.last_skipped = False
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=100)
+        self.spiked = False  # a loss spike since the last checkpoint
+        self.fragments = master_weight_fragments(self.engine.module.named_parameters(),
+                                                 rank, world_size)
         self.bar = tqdm(total=train.max_steps, initial=self.state.step, desc="train", unit="step",
                         dynamic_ncols=True, disable=not (train.progress_bar and rank == 0))
         self.validator = None
@@ -239,7 +255,15 @@ class Trainer:
                     self.evaluation.maybe_run(state.step, state.samples_seen)
                 stop = preempted and not last  # preempted at the very end: just finish
                 if state.step % self.cfg.checkpoint.every == 0 or last or stop:
-                    self.checkpoints.save()
+                    wrecked = self._weights_wrecked()
+                    healthy = wrecked is None and not self.spiked
+                    self.checkpoints.save(healthy=healthy)
+                    self.spiked = False
+                    if wrecked is not None:
+                        raise NonFiniteTrainingError(
+                            f"step {state.step}: {wrecked} (train.max_weight_norm="
+                            f"{train.max_weight_norm:g}): an update wrecked the weights; "
+                            f"stopping. {kept_checkpoint_note(self.run_dir)}")
                 if stop:
                     status = "preempted"
                     log.warning("preempted: checkpoint saved at step %d", state.step)
@@ -269,7 +293,37 @@ class Trainer:
             self.consecutive_skips = 0
             self.losses.append(loss_sum / (self.world * self.cfg.train.grad_accum))
             self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+            self._check_spike(self.losses[-1])
         return preempted > 0
+
+    def _check_spike(self, loss: float) -> None:
+        """A loss above train.loss_spike_factor x the running median marks the next
+        checkpoint unhealthy (every rank sees the same reduced loss)."""
+        factor = self.cfg.train.loss_spike_factor
+        if factor > 0 and len(self.recent_losses) >= 10:
+            median = float(np.median(self.recent_losses))
+            if loss > factor * median:
+                if not self.spiked:
+                    log.warning("step %d: loss %.4g is over %g x its running median %.4g; "
+                                "the next checkpoint is marked unhealthy", self.state.step,
+                                loss, factor, median)
+                self.spiked = True
+        self.recent_losses.append(loss)
+
+    def _weights_wrecked(self) -> str | None:
+        """Collective: the global L2 norms of the fp32 weights and of the EMA (each rank
+        sums the squares of its own slices); a reason if either is non-finite or above
+        train.max_weight_norm, else None."""
+        sq = [sum(float(f.source().detach().float().pow(2).sum()) for f in self.fragments),
+              sum(float(t.pow(2).sum()) for t in self.ema.shadow) if self.ema is not None
+              else 0.0]
+        weights, ema = (math.sqrt(v) if math.isfinite(v) else math.inf
+                        for v in _all_reduce_sum(sq, self.device))
+        bound = self.cfg.train.max_weight_norm
+        for what, norm in (("weight", weights), ("EMA", ema)):
+            if not math.isfinite(norm) or norm > bound:
+                return f"{what} norm {norm:.4g}"
+        return None
 
     def _skipped(self, in_a_row: int) -> None:
         self.state.skipped_steps += 1
@@ -280,8 +334,7 @@ class Trainer:
             raise NonFiniteTrainingError(
                 f"{in_a_row} consecutive steps had a non-finite loss or gradient norm "
                 f"(train.max_consecutive_skips={limit}); stopping at step {self.state.step}. "
-                f"The last good checkpoint is kept in {checkpoints_dir(self.run_dir)}"
-            )
+                + kept_checkpoint_note(self.run_dir))
 
     def _log(self, lr: float, extra: dict[str, float]) -> None:
         """Collective (every rank calls it at the same steps); rank 0 writes."""
