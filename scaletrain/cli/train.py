@@ -50,10 +50,8 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, rank=rank)
     try:
         outcome = run_training(cfg, args.run_dir)
-    except NonFiniteTrainingError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
-    except (CheckpointWriteError, RunDirBusy) as exc:  # rank 0 says it once
+    except (NonFiniteTrainingError, CheckpointWriteError, RunDirBusy) as exc:
+        # Every rank that raises it has the same message: rank 0 says it once.
         log.log(logging.ERROR if rank == 0 else logging.DEBUG, "%s", exc)
         return EXIT_FAILED
     except ConfigError as exc:
