@@ -84,10 +84,8 @@ def main(args: argparse.Namespace) -> int:
             log.info("scaletrain train %s --run-dir %s%s", args.config, args.run_dir,
                      f" (SLURM job {job})" if job else "")
         outcome = run_training(cfg, args.run_dir)
-    except NonFiniteTrainingError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
-    except (CheckpointWriteError, RunDirBusy) as exc:  # rank 0 says it once
+    except (NonFiniteTrainingError, CheckpointWriteError, RunDirBusy) as exc:
+        # Every rank that raises it has the same message: rank 0 says it once.
         log.log(logging.ERROR if rank == 0 else logging.DEBUG, "%s", exc)
         return EXIT_FAILED
     except ConfigError as exc:

@@ -97,6 +97,23 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def is_healthy(ckpt: Path) -> bool:
+    """Whether a checkpoint passed the health checks when it was saved (weight and EMA norms
+    finite and bounded, no loss spike since the previous one); older ones count as healthy."""
+    try:
+        return bool(read_state(ckpt).get("healthy", True))
+    except (OSError, ValueError):
+        return False
+
+
+def newest_healthy(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint that passed the health checks, or None."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        if is_healthy(path):
+            return path
+    return None
+
+
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
     """A checkpoint directory from a run dir (newest or ``step``) or a checkpoint dir itself."""
     path = Path(path)

@@ -65,6 +65,7 @@ from scaletrain.core.run_dir import (
     delete_unless_read,
     find_latest,
     hash_files,
+    newest_healthy,
     rank_file,
     rank_files,
     read_manifest,
@@ -296,7 +297,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def _write_parts(self, tmp: Path) -> None:
+    def _write_parts(self, tmp: Path, healthy: bool) -> None:
         """This rank's files of the checkpoint (rank 0 also the run's state and config)."""
         # The universal-checkpoint info lets ds_to_universal convert this checkpoint when
         # the run resumes on a different number of ranks.
@@ -309,7 +310,7 @@ class CheckpointManager:
             torch.save(obj.state_dict(), tmp / rank_file(kind, self.rank))
         if self.rank == 0:
             state = {**asdict(self.train_state), "world_size": self.world_size,
-                     "zero_stage": self.zero_stage, **self.run_info()}
+                     "zero_stage": self.zero_stage, "healthy": healthy, **self.run_info()}
             atomic_write(tmp / "config.yaml", self.config_yaml)
             atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
 
@@ -331,8 +332,9 @@ class CheckpointManager:
             msg = f"could not write checkpoint {tmp}: {error or first}; it was removed"
         raise CheckpointWriteError(msg) from error
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step from every rank."""
+    def save(self, healthy: bool = True) -> Path:
+        """Write a checkpoint of the current step from every rank; ``healthy`` records
+        whether it passed the loop's health checks (see ``train.max_weight_norm``)."""
         step = self.train_state.step
         final = self.root / step_dir_name(step)
         tmp = self.root / (TMP_PREFIX + final.name)
@@ -349,7 +351,7 @@ class CheckpointManager:
         hashes: dict[str, Any] = {}
         error = None
         try:
-            self._write_parts(tmp)
+            self._write_parts(tmp, healthy)
         except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
             log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
             error = exc
@@ -399,7 +401,10 @@ def check_same_stage(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None
 def prune(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints and stale temp dirs."""
     done = complete_checkpoints(run_dir)
+    healthy = newest_healthy(run_dir)  # never pruned: the one a wrecked run goes back to
     for path in done[:-keep_last]:
+        if path == healthy:
+            continue
         if not delete_unless_read(path):
             log.info("%s is being read (export or evaluation); it is pruned later", path)
     newest = checkpoint_step(done[-1]) if done else -1

@@ -35,6 +35,13 @@ class TrainConfig:
     # A non-finite loss or gradient norm skips the update on every rank; this many in a row
     # stops the run (the last good checkpoint stays).
     max_consecutive_skips: int = 5
+    # A finite but destructive update (an LR spike) is caught at each checkpoint: a
+    # non-finite global L2 norm of the fp32 weights or of the EMA, or one above this, stops
+    # the run. Pruning never removes the newest healthy checkpoint.
+    max_weight_norm: float = 1.0e6
+    # A step loss above this factor x the running median of the mean losses of the last 20
+    # logging windows (logging.every steps each) marks the next checkpoint unhealthy (0 = off).
+    loss_spike_factor: float = 20.0
     progress_bar: bool = True
     # Seconds a collective (and every process group's rendezvous) may wait for a peer before
     # it fails, instead of torch's 30 min default; also how long a rank may go without a
@@ -64,6 +71,10 @@ class TrainConfig:
             "max_consecutive_skips",
             f"must be >= 1, got {self.max_consecutive_skips}",
         )
+        require(self.max_weight_norm > 0, "max_weight_norm",
+                f"must be > 0, got {self.max_weight_norm}")
+        require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1, "loss_spike_factor",
+                f"must be 0 (off) or > 1, got {self.loss_spike_factor}")
         # DeepSpeed's plain (ZeRO-0, fp32) path applies a step with non-finite gradients;
         # every other path skips it on all ranks, which the fault handling relies on.
         require(

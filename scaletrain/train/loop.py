@@ -9,6 +9,7 @@ so a resumed run draws exactly what an uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import logging
@@ -28,7 +29,13 @@ from tqdm import tqdm
 from scaletrain.core.config_base import dump_yaml, save_config, to_dict
 from scaletrain.core.dist_env import dist_env_from_environ
 from scaletrain.core.heartbeat import HEARTBEAT_DIR_ENV, Heartbeat
-from scaletrain.core.run_dir import checkpoints_dir, eval_dir, heartbeat_dir, run_lock
+from scaletrain.core.run_dir import (
+    checkpoints_dir,
+    eval_dir,
+    heartbeat_dir,
+    newest_healthy,
+    run_lock,
+)
 from scaletrain.data.loader import build_train_loader
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.conditioning import ModelFn, cast_inputs, make_model_fn
@@ -91,7 +98,18 @@ def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
+    """Too many consecutive steps had a non-finite loss or gradient norm, or an update left
+    non-finite or exploding weights (train.max_weight_norm)."""
+
+
+def kept_checkpoint_note(run_dir: Path) -> str:
+    """The stop message's last sentence: which checkpoint to go back to (the newest healthy
+    one, which pruning never removes)."""
+    healthy = newest_healthy(run_dir)
+    if healthy is None:
+        return f"No healthy checkpoint in {checkpoints_dir(run_dir)}."
+    return (f"The last healthy checkpoint is kept: {healthy} (newer ones hold the damaged "
+            "state; move them aside to resume from it).")
 
 
 def step_seed(seed: int, rank: int, samples_seen: int, micro: int) -> int:
@@ -212,12 +230,18 @@ class Trainer:
         # Loss of the applied steps since the last log, summed on the device; read back (and
         # reduced over ranks) only at logging steps.
         self.loss_window = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_peak = torch.zeros((), dtype=torch.float64, device=device)  # spike check
         self.applied_in_window = 0
         # Preemption is agreed on every step over a CPU (gloo) group: a flag exchange that
         # never waits for the GPU (with NCCL, a reduction would).
         self.flag_group = _cpu_group()
         self.consecutive_skips = 0
         self.last_skipped = False
+        # Mean losses of the last logging windows, for the loss-spike check.
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=20)
+        self.spiked = False  # a loss spike since the last checkpoint
+        self.fragments = master_weight_fragments(self.engine.module.named_parameters(),
+                                                 rank, world_size)
         self.bar = tqdm(total=train.max_steps, initial=self.state.step, desc="train", unit="step",
                         dynamic_ncols=True, disable=not (train.progress_bar and rank == 0))
         self.validator = None
@@ -295,7 +319,17 @@ class Trainer:
                     self.evaluation.maybe_run(state.step, state.samples_seen)
                 stop = preempted and not last  # preempted at the very end: just finish
                 if state.step % self.cfg.checkpoint.every == 0 or last or stop:
-                    self.checkpoints.save()
+                    if self.applied_in_window:  # a spike since the last log counts too
+                        self._read_loss_window(reset=False)
+                    wrecked = self._weights_wrecked()
+                    healthy = wrecked is None and not self.spiked
+                    self.checkpoints.save(healthy=healthy)
+                    self.spiked = False
+                    if wrecked is not None:
+                        raise NonFiniteTrainingError(
+                            f"step {state.step}: {wrecked} (train.max_weight_norm="
+                            f"{train.max_weight_norm:g}): an update wrecked the weights; "
+                            f"stopping. {kept_checkpoint_note(self.run_dir)}")
                 if stop:
                     status = "preempted"
                     log.warning("preempted: checkpoint saved at step %d", state.step)
@@ -330,8 +364,61 @@ class Trainer:
         else:
             self.consecutive_skips = 0
             self.loss_window += result.loss_sum
+            torch.maximum(self.window_peak,
+                          result.loss_sum.to(torch.float64) / self.cfg.train.grad_accum,
+                          out=self.window_peak)
             self.applied_in_window += 1
         return preempted
+
+    def _read_loss_window(self, reset: bool = True) -> float:
+        """Collective: the mean loss of the applied steps since the last read (NaN if none),
+        read back from the device here only (logging steps, or a checkpoint between them),
+        and the loss-spike check on the window's highest step loss."""
+        total = _all_reduce_sum([self.loss_window], self.device)[0]
+        peak = self.window_peak.clone()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        applied = self.applied_in_window
+        mean = (total / (applied * self.world * self.cfg.train.grad_accum) if applied
+                else float("nan"))
+        if applied:
+            self._check_spike(mean, float(peak), keep=reset)
+        if reset:
+            self.applied_in_window = 0
+            self.loss_window.zero_()
+            self.window_peak.zero_()
+        return mean
+
+    def _check_spike(self, mean: float, peak: float, keep: bool) -> None:
+        """A step loss above train.loss_spike_factor x the running median of the windows'
+        mean losses marks the next checkpoint unhealthy. The peak is each rank's own step
+        loss (a per-step reduction would sync the host every step); the median is of
+        global means, identical on every rank, so every rank decides the same."""
+        factor = self.cfg.train.loss_spike_factor
+        if factor > 0 and len(self.recent_losses) >= 5:
+            median = float(np.median(self.recent_losses))
+            if peak > factor * median:
+                if not self.spiked:
+                    log.warning("step %d: loss %.4g is over %g x its running median %.4g; "
+                                "the next checkpoint is marked unhealthy", self.state.step,
+                                peak, factor, median)
+                self.spiked = True
+        if keep:
+            self.recent_losses.append(mean)
+
+    def _weights_wrecked(self) -> str | None:
+        """Collective: the global L2 norms of the fp32 weights and of the EMA (each rank
+        sums the squares of its own slices); a reason if either is non-finite or above
+        train.max_weight_norm, else None."""
+        sq = [sum(float(f.source().detach().float().pow(2).sum()) for f in self.fragments),
+              sum(float(t.pow(2).sum()) for t in self.ema.shadow) if self.ema is not None
+              else 0.0]
+        weights, ema = (math.sqrt(v) if math.isfinite(v) else math.inf
+                        for v in _all_reduce_sum(sq, self.device))
+        bound = self.cfg.train.max_weight_norm
+        for what, norm in (("weight", weights), ("EMA", ema)):
+            if not math.isfinite(norm) or norm > bound:
+                return f"{what} norm {norm:.4g}"
+        return None
 
     def _skipped(self, in_a_row: int) -> None:
         self.state.skipped_steps += 1
@@ -342,20 +429,14 @@ class Trainer:
             raise NonFiniteTrainingError(
                 f"{in_a_row} consecutive steps had a non-finite loss or gradient norm "
                 f"(train.max_consecutive_skips={limit}); stopping at step {self.state.step}. "
-                f"The last good checkpoint is kept in {checkpoints_dir(self.run_dir)}"
-            )
+                + kept_checkpoint_note(self.run_dir))
 
     def _log(self, lr: float, extra: dict[str, float]) -> None:
         """Collective (every rank calls it at the same steps); rank 0 writes."""
         self.loss_by_t.all_reduce()
         grad_norm = self.engine.get_global_grad_norm()
-        # The window's only read-back of the loss (and its only collective on it).
-        window = _all_reduce_sum([self.loss_window], self.device)[0]
-        applied, self.applied_in_window = self.applied_in_window, 0
-        self.loss_window.zero_()
-        loss = (window / (applied * self.world * self.cfg.train.grad_accum) if applied
-                else float("nan"))
-        if applied:
+        loss = self._read_loss_window()
+        if math.isfinite(loss):
             self.bar.set_postfix(loss=f"{loss:.4f}")
         metrics = {
             "loss": loss,
@@ -387,8 +468,8 @@ class Trainer:
             module.train()
 
 
-def _all_reduce_sum(values: list[torch.Tensor], device: torch.device) -> list[float]:
-    t = torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+def _all_reduce_sum(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 

@@ -367,3 +367,21 @@ def test_export_names_a_missing_ema_shard_and_a_pruned_checkpoint(zero2_referenc
         with pytest.raises(ExportError, match="was pruned") as err:
             consolidated_weights(ckpt, weights)
         assert "--weights raw" not in str(err.value)
+
+
+def test_lr_spike_stops_the_run_and_the_healthy_checkpoint_survives_pruning(tmp_path):
+    common = ["checkpoint.every=1", "checkpoint.keep_last=1"]
+    proc = run_train(tmp_path, ["train.max_steps=3", *common])
+    assert proc.returncode == 0, explain(proc)
+    # The same run continues with the LR spiked to 1e30: the loss of step 4 is still finite
+    # (it is computed before the update), the update wrecks the weights.
+    proc = run_train(tmp_path, ["train.max_steps=6", "train.lr=1e30", *common])
+    assert proc.returncode == 1, explain(proc)
+    good = _step_dir(tmp_path, 3)
+    lines = [ln for ln in proc.stderr.splitlines() if "wrecked the weights" in ln]
+    assert len(lines) == 1 and f"The last healthy checkpoint is kept: {good}" in lines[0], \
+        proc.stderr
+    assert ck.is_complete(good) and ck.is_healthy(good)  # keep_last=1 did not prune it
+    assert _state(tmp_path, 4)["healthy"] is False
+    assert ck.newest_healthy(tmp_path) == good
+    assert all(torch.isfinite(v).all() for v in consolidate_model(good).values())

@@ -175,3 +175,58 @@ def test_loader_counters_are_summed_over_ranks(tmp_path_factory, tmp_path):
     assert lost[1] > 0  # rank 1 met the bad shard
     for key in ("lost_samples", "failed_shards", "bad_samples"):
         assert last[f"data/{key}"] == sum(s["metrics"][key] for s in per_rank), key
+
+
+def _stop_with_signal(run_dir, overrides, config, sig, *, after_step: bool, log):
+    """Start a job in its own process group and send ``sig`` to the whole group (as SLURM's
+    preemption, scancel or a terminal's Ctrl-C do): after the first logged step, or as
+    soon as the ranks exist (they are still importing torch). Returns (status, log text)."""
+    import os
+    import subprocess
+    import time
+
+    from .conftest import start_train
+
+    proc = start_train(run_dir, overrides, config=config, log_path=log)
+    try:
+        if after_step:
+            metrics = run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + 420
+            while not (metrics.is_file() and metrics.stat().st_size > 0):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.05)
+        else:
+            def ranks():
+                return subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
+                                      capture_output=True, text=True).stdout.split()
+            deadline = time.monotonic() + 120
+            while len(ranks()) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+            time.sleep(0.5)
+        os.killpg(proc.pid, sig)
+        code = proc.wait(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return code, log.read_text()
+
+
+@pytest.mark.parametrize("sig, after_step", [("SIGTERM", True), ("SIGINT", True),
+                                             ("SIGTERM", False)])
+def test_stop_signal_to_the_whole_job_saves_and_exits_requeue(shards, tmp_path, sig, after_step):
+    """DataLoader workers (data.num_workers=1) get the signal too and must leave it to the
+    trainer; a signal during start-up (before torch is imported) is honoured as well."""
+    import signal
+
+    config = REPO / "configs" / "train" / "demo.yaml"
+    overrides = [*_overrides(shards, 2, 100000), "data.num_workers=1", "checkpoint.every=100000",
+                 "logging.diagnostics_every=0", "validation.every=0"]
+    code, log = _stop_with_signal(tmp_path / "run", overrides, config, getattr(signal, sig),
+                                  after_step=after_step, log=tmp_path / "log.txt")
+    assert code == 75, log[-5000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-5000:]
+    latest = ck.find_latest(tmp_path / "run")
+    assert latest is not None, log[-5000:]
+    assert ck.read_state(latest)["step"] >= 1
