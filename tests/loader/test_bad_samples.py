@@ -120,3 +120,23 @@ def test_bad_sample_in_the_first_shard_does_not_stop_start_up(make_dataset):
     counts, _, loaders = one_epoch(data.root, workers=1)
     assert set(counts) == data.keys - {"s000-0000"}
     assert loaders[0].metrics()["bad_samples"] == 1
+
+
+@pytest.mark.parametrize("case", ["misshapen_latent", "int8_latent"])
+def test_a_bad_first_sample_does_not_set_the_datasets_dims(make_dataset, case):
+    # The first readable sample sets the dims and dtype every other one is held to; it is
+    # held to what the index declares (preprocess records its image encoder's).
+    import json
+
+    data = make_dataset(num_shards=2, per_shard=8, buckets=((64, 64),))
+    index = json.loads((data.root / "index.json").read_text())
+    index["image_encoder"] = {"latent_channels": 4, "downsample": 8}
+    (data.root / "index.json").write_text(json.dumps(index))
+    mutate = BAD_CASES[case][0]
+    first = data.shard_keys["000000.tar"][0]
+    rewrite_shard(data, "000000.tar", lambda k, la, t, m: mutate(
+        {first: "s000-0004", "s000-0004": "x"}.get(k, k) if case == "misshapen_latent"
+        else {first: "s000-0007", "s000-0007": "x"}.get(k, k), la, t, m))
+    counts, _, loaders = one_epoch(data.root)
+    assert set(counts) == data.keys - {first}
+    assert loaders[0].info.latent_channels == 4 and loaders[0].info.latent_dtype == "bfloat16"

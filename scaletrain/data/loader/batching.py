@@ -111,6 +111,7 @@ def parse_sample(
     schema: SampleSchema | None = None,
     checks: SampleChecks | None = None,
     checksums: dict[str, int] | None = None,
+    computed: dict[str, int] | None = None,
 ) -> PendingSample:
     """Decode one raw sample (shard_format's layout) and check what batching relies on:
     member checksums (when the manifest has them), dims, declared dtype and shape, finite
@@ -121,7 +122,7 @@ def parse_sample(
     if missing:
         raise BadSample(f"sample {key!r}: lacks {', '.join(missing)}")
     if checksums is not None:
-        verify_members(key, files, checksums)
+        verify_members(key, files, checksums, computed)
     try:
         latent = load_tensors_view(files[LATENT_EXT])
         text = load_tensors_view(files[TEXT_EXT])

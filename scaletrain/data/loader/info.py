@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from scaletrain.data import storage
-from scaletrain.data.loader.batching import BadSample, SampleSchema, parse_sample
+from scaletrain.data.loader.batching import BadSample, SampleChecks, SampleSchema, parse_sample
 from scaletrain.data.loader.dataset_index import DatasetIndex, load_dataset_index
 from scaletrain.data.loader.shard_reader import iter_samples
 from scaletrain.data.shard_format import EMPTY_PROMPT_NAME
@@ -59,14 +59,32 @@ class DatasetInfo:
         return height // self.latent_downsample, width // self.latent_downsample
 
 
+def declared_latent(index: DatasetIndex) -> tuple[int | None, int | None]:
+    """(latent channels, downsampling factor) the index declares (preprocess records its
+    image encoder's), None where it does not say."""
+    encoder = index.raw.get("image_encoder")
+    encoder = encoder if isinstance(encoder, dict) else {}
+    values = [encoder.get(k) for k in ("latent_channels", "downsample")]
+    return tuple(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+                 for v in values)
+
+
 def _first_sample(index: DatasetIndex, cfg: StorageConfig | None):
+    """The first sample that passes the checks (and agrees with what the index declares):
+    it sets the dims every other sample is held to, so a bad one must not."""
     errors = []
+    channels, downsample = declared_latent(index)
+    checks = SampleChecks(None, downsample)
     for shard in index.shards[:FIRST_SAMPLE_SHARDS]:
         samples = iter_samples(shard.path, cfg)
         try:
             for raw in samples:
                 try:
-                    sample = parse_sample(raw.key, raw.files, 0, shard.shard_id, raw.position)
+                    sample = parse_sample(raw.key, raw.files, 0, shard.shard_id, raw.position,
+                                          checks=checks)
+                    if channels is not None and sample.mean.shape[0] != channels:
+                        raise BadSample(f"sample {raw.key!r}: {sample.mean.shape[0]} latent "
+                                        f"channels, the index declares {channels}")
                 except BadSample as exc:
                     errors.append(str(exc))
                     continue
@@ -85,8 +103,8 @@ def _first_sample(index: DatasetIndex, cfg: StorageConfig | None):
 
 def dataset_info(index: DatasetIndex, cfg: StorageConfig | None = None) -> DatasetInfo:
     sample, bucket = _first_sample(index, cfg)
-    downsample = 8
-    if bucket != "?":
+    downsample = declared_latent(index)[1] or 8
+    if bucket != "?" and declared_latent(index)[1] is None:
         downsample = max(1, int(bucket.split("x")[0]) // sample.mean.shape[1])
     try:
         empty = dict(load_tensors(storage.read_bytes(storage.join(index.root, EMPTY_PROMPT_NAME),

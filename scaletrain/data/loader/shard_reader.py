@@ -31,6 +31,7 @@ from pathlib import Path
 from webdataset.tariterators import base_plus_ext
 
 from scaletrain.data import storage
+from scaletrain.data.shard_format import member_checksum
 from scaletrain.data.storage import ReadStats, RemoteStream, StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class RawSample:
     position: int
     key: str
     files: dict[str, memoryview]  # extension -> the file's bytes (a view of the mapped tar)
+    # extension -> CRC-32 of the bytes, computed by the reader thread when asked (zlib
+    # releases the GIL, so this runs beside the training process's own work).
+    checksums: dict[str, int] | None = None
 
 
 @dataclass
@@ -185,8 +189,8 @@ class ReadTimeout(OSError):
 _STUCK: dict[str, threading.Thread] = {}
 
 
-def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str | Path
-                      ) -> Iterator[RawSample]:
+def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str | Path,
+                      checksum: bool = False) -> Iterator[RawSample]:
     """``samples`` read in a helper thread; raises ReadTimeout when the next sample takes
     longer than ``timeout_s``. A read blocked in the kernel (open() of a FIFO, a hung NFS
     server) cannot be interrupted: its daemon thread is left behind, holding one file, and
@@ -212,6 +216,9 @@ def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str 
     def produce() -> None:
         try:
             for sample in samples:
+                if checksum:
+                    sample.checksums = {ext: member_checksum(data)
+                                        for ext, data in sample.files.items()}
                 if not put(("sample", sample)):
                     return
             put(("end", None))
@@ -240,15 +247,16 @@ def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str 
 
 
 def iter_samples(path: str | Path, cfg: StorageConfig | None = None,
-                 stats: ReadStats | None = None, size: int | None = None
-                 ) -> Iterator[RawSample]:
+                 stats: ReadStats | None = None, size: int | None = None,
+                 checksum: bool = False) -> Iterator[RawSample]:
     """The samples of a local or remote shard in stored order. Local reads are bounded by
-    ``cfg.read_timeout_s`` (remote ones by the store's retries)."""
+    ``cfg.read_timeout_s`` (remote ones by the store's retries); with ``checksum`` the
+    reader thread fills in each sample's member checksums."""
     cfg = cfg or StorageConfig()
     if storage.is_local(path):
         samples = iter_stored_samples(storage.local_path(path))
         if cfg.read_timeout_s > 0:
-            return iter_with_timeout(samples, cfg.read_timeout_s, path)
+            return iter_with_timeout(samples, cfg.read_timeout_s, path, checksum)
         return samples
     return iter_remote_samples(str(path), cfg, stats, size)
 
@@ -256,7 +264,7 @@ def iter_samples(path: str | Path, cfg: StorageConfig | None = None,
 def read_shard_shuffled(
     path: str | Path, expected: int, buffer_size: int, seed: int,
     cfg: StorageConfig | None = None, stats: ReadStats | None = None,
-    size: int | None = None,
+    size: int | None = None, checksum: bool = False,
 ) -> Iterator[RawSample | ShardFailure]:
     """The samples of one shard in a seeded shuffled order, then a ShardFailure if it stopped
     short of ``expected`` samples.
@@ -275,7 +283,7 @@ def read_shard_shuffled(
         while True:
             try:
                 if source is None:
-                    source = iter_samples(path, cfg, stats, size)
+                    source = iter_samples(path, cfg, stats, size, checksum)
                 sample = next(source)
             except StopIteration:
                 break

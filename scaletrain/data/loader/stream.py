@@ -165,7 +165,7 @@ def source_stream(spec: StreamSpec, index: int, worker: int, stats: ReadStats
                     continue
             items = read_shard_shuffled(
                 path, count, spec.shuffle_buffer, shuffle_seed(view.seed, epoch, shard_id),
-                spec.storage, stats, view.shard_bytes.get(name),
+                spec.storage, stats, view.shard_bytes.get(name), checksums is not None,
             )
             for item in items:
                 if isinstance(item, ShardFailure):
@@ -181,7 +181,7 @@ def source_stream(spec: StreamSpec, index: int, worker: int, stats: ReadStats
                 try:
                     sample = parse_sample(
                         item.key, item.files, epoch, shard_id, item.position, spec.schema,
-                        spec.checks, checksums,
+                        spec.checks, checksums, item.checksums,
                     )
                 except BadSample as exc:
                     reason = f"{path}: {exc}"

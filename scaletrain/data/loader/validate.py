@@ -39,14 +39,18 @@ def read_member_checksums(root: str, shard_name: str, cfg: StorageConfig | None
     return checksums if isinstance(checksums, dict) else None
 
 
-def verify_members(key: str, files: dict[str, Any], checksums: dict[str, int]) -> None:
-    """Every member of the sample has the checksum its manifest recorded."""
+def verify_members(key: str, files: dict[str, Any], checksums: dict[str, int],
+                   computed: dict[str, int] | None = None) -> None:
+    """Every member of the sample has the checksum its manifest recorded (``computed``: the
+    checksums the reader thread already took of ``files``)."""
     for ext, data in files.items():
         expected = checksums.get(f"{key}.{ext}")
         if expected is None:
             raise BadSample(f"sample {key!r}: member {key}.{ext} is not in the manifest's "
                             "checksums")
-        if member_checksum(data) != expected:
+        actual = computed[ext] if computed is not None and ext in computed else \
+            member_checksum(data)
+        if actual != expected:
             raise BadSample(f"sample {key!r}: member {key}.{ext} fails its checksum "
                             "(corrupted bytes)")
 
@@ -59,8 +63,12 @@ def check_finite(key: str, tensors: dict[str, torch.Tensor | None]) -> None:
     mask). A finite tensor whose sum overflows float32 (values near 1e38, which no encoder
     produces) is rejected too, rightly."""
     for name, tensor in tensors.items():
-        if tensor is not None and tensor.is_floating_point() and not math.isfinite(
-                float(tensor.sum(dtype=torch.float32))):
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        # bf16 and fp32 sums keep their range (about 3e38); an fp16 sum would overflow at
+        # 65504, so it is taken in float32 (three times slower than a same-dtype sum).
+        total = tensor.sum(dtype=torch.float32 if tensor.dtype == torch.float16 else None)
+        if not math.isfinite(float(total)):
             raise BadSample(f"sample {key!r}: {name} holds non-finite values (NaN or inf)")
 
 
