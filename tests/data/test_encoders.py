@@ -88,9 +88,11 @@ def test_vae_factor_overrides(tiny_vae_path):
 
 def test_unreachable_hub_id_fails_with_its_name(tmp_path):
     # Tests run with HF_HUB_OFFLINE=1: the real loading path must fail loudly, not hang.
-    with pytest.raises(OSError, match="stabilityai/sdxl-vae"):
+    from scaletrain.core.config_base import ConfigError
+
+    with pytest.raises(ConfigError, match="stabilityai/sdxl-vae"):
         build_image_encoder(ImageEncoderConfig(kind="vae", name="stabilityai/sdxl-vae"), "cpu")
-    with pytest.raises(OSError, match="not-there"):
+    with pytest.raises(ConfigError, match="not-there: no such file or directory"):
         build_image_encoder(ImageEncoderConfig(kind="vae", name=str(tmp_path / "not-there")))
 
 
@@ -277,3 +279,28 @@ def test_diffusers_style_repo_layout_with_subfolders(tmp_path, tiny_clip_path, t
             ),
             "cpu",
         )
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_asking_for_a_local_path(monkeypatch,
+                                                                             tmp_path):
+    """Offline, a hub id used to end 99 lines of traceback with "does not appear to have a
+    file named config.json" (issue 15); a missing local folder keeps its own message."""
+    from scaletrain.core.config_base import ConfigError
+    from scaletrain.data.encoders.image import VAEEncoder
+    from scaletrain.data.encoders.text import TransformersTextModel
+    from scaletrain.data.preprocess.config import TextModelConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no retries against an unreachable network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(ConfigError, match=r"VAE: model 'some-org/some-vae' is not available "
+                                          r"offline .*give a local path") as err:
+        VAEEncoder("some-org/some-vae", device="cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="clip text encoder: model 'some-org/clip' is not "
+                                          "available offline"):
+        TransformersTextModel(TextModelConfig(name="some-org/clip"), "clip", False,
+                              torch.device("cpu"), torch.float32)
+    broken = tmp_path / "vae"
+    broken.mkdir()
+    with pytest.raises(OSError, match=f"cannot load the VAE from {broken}"):
+        VAEEncoder(str(broken), device="cpu")

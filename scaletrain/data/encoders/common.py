@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from pathlib import Path
 
 import torch
+
+from scaletrain.core.config_base import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -31,7 +36,17 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def quiet_hub_libraries() -> None:
     """transformers/diffusers print load reports and progress bars per model; a
-    preprocessing run loads a few models once and wants its own progress bar only."""
+    preprocessing run loads a few models once and wants its own progress bar only. The hub
+    client's retry warnings say nothing a failed load does not say in one line."""
+    try:
+        import huggingface_hub  # heavy: imported when used
+
+        huggingface_hub.utils.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
+    for name in list(logging.root.manager.loggerDict):  # some set their own level
+        if name.startswith("huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers  # heavy (see encoders/__init__.py): imported when used
 
@@ -46,3 +61,20 @@ def quiet_hub_libraries() -> None:
         diffusers.utils.logging.disable_progress_bar()
     except (ImportError, AttributeError):
         pass
+
+
+def load_failure(what: str, name: str, subfolder: str | None, exc: Exception) -> Exception:
+    """The one-line error for a model that would not load. A name of the form org/name that
+    is no local path was taken as a hub id: offline (or misspelt) the libraries answer with
+    a page about a missing config.json, so say what to do instead; the original error stays
+    chained for the log."""
+    where = name + (f" (subfolder {subfolder})" if subfolder else "")
+    if not Path(name).expanduser().exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+            return ConfigError(
+                f"{what}: model {name!r} is not available offline (no network, and not in "
+                "the Hugging Face cache); give a local path (download it where there is "
+                f"network: huggingface-cli download {name})")
+        return ConfigError(f"{what}: {name}: no such file or directory")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OSError(f"cannot load the {what} from {where}: {first}")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaletrain.data.encoders.common import DTYPE_NAMES, resolve_device, torch_dtype
+from scaletrain.data.encoders.common import DTYPE_NAMES, load_failure, resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,8 @@ class VAEEncoder(ImageEncoder):
         kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
             vae = AutoencoderKL.from_pretrained(name, torch_dtype=self.compute_dtype, **kwargs)
-        except (OSError, ValueError) as exc:
-            where = f"{name}" + (f" (subfolder {subfolder})" if subfolder else "")
-            raise OSError(f"cannot load the VAE from {where}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the hub client's errors are of many kinds
+            raise load_failure("VAE", name, subfolder, exc) from exc
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         cfg = self.vae.config
         self.latent_channels = int(cfg.latent_channels)

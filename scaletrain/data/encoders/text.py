@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from scaletrain.data.encoders.common import DTYPE_NAMES, resolve_device, torch_dtype
+from scaletrain.data.encoders.common import DTYPE_NAMES, load_failure, resolve_device, torch_dtype
 from scaletrain.data.encoders.tiny import ensure_tiny_clip
 from scaletrain.data.preprocess.config import TextModelConfig
 
@@ -66,9 +66,8 @@ class TransformersTextModel:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_kwargs)
             model_cls = self._model_class(family, projection)
             model = model_cls.from_pretrained(cfg.name, torch_dtype=dtype, **model_kwargs)
-        except (OSError, ValueError) as exc:
-            where = cfg.name + (f" (subfolder {cfg.subfolder})" if cfg.subfolder else "")
-            raise OSError(f"cannot load {family} text encoder from {where}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the hub client's errors are of many kinds
+            raise load_failure(f"{family} text encoder", cfg.name, cfg.subfolder, exc) from exc
         self.model = model.to(device).eval().requires_grad_(False)
         self.projection = projection
         self.max_length = min(cfg.max_length, self._model_max_length())

@@ -10,9 +10,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_module
+import sys
 
 import torch
 
+from scaletrain.core.config_base import ConfigError
 from scaletrain.core.log import setup_logging
 from scaletrain.data.encoders.common import quiet_hub_libraries
 from scaletrain.data.preprocess.pipeline import preprocess_shards
@@ -36,8 +38,11 @@ def _child(queue, cfg, inputs, output, local, workers, base_rank, base_world, ve
         summary = run_rank(cfg, inputs, output, rank, base_world * workers, verify,
                            finalize=False, storage_cfg=storage_cfg)
         queue.put((local, summary, None))
+    except ConfigError as exc:  # every worker meets the same one: the parent says it once
+        queue.put((local, None, ("config", str(exc))))
+        sys.exit(2)
     except BaseException as exc:  # report, then fail this process
-        queue.put((local, None, f"{type(exc).__name__}: {exc}"))
+        queue.put((local, None, ("error", f"{type(exc).__name__}: {exc}")))
         raise
 
 
@@ -66,15 +71,20 @@ def run_local_workers(cfg, inputs, output, workers, base_rank=0, base_world=1, v
             for i, proc in enumerate(procs):
                 if i not in reported and not proc.is_alive() and proc.exitcode not in (0, None):
                     reported.add(i)
-                    errors.append(f"worker {i}: exited with status {proc.exitcode}")
+                    errors.append(("error", f"worker {i}: exited with status {proc.exitcode}"))
             continue
         reported.add(local)
         if error:
-            errors.append(f"worker {local}: {error}")
+            kind, text = error
+            errors.append((kind, text if kind == "config" else f"worker {local}: {text}"))
         else:
             results[local] = summary
     for proc in procs:
         proc.join()
+    config_errors = [text for kind, text in errors if kind == "config"]
+    if config_errors:
+        raise ConfigError(config_errors[0])
     if errors:
-        raise RuntimeError("local preprocessing worker failed: " + "; ".join(errors))
+        raise RuntimeError("local preprocessing worker failed: "
+                           + "; ".join(text for _, text in errors))
     return [results[i] for i in sorted(results)]
