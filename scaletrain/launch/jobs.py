@@ -110,9 +110,12 @@ class TrainingJob:
                               **fields)
         # SLURM's node name, not uname: nodes may share a host name (containers).
         node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
-        logger.info("rank %d/%d (local %d) on %s (%s), master %s (%s):%d", dist.rank,
-                    dist.world_size, dist.local_rank, node, _address(node), dist.master_addr,
-                    _address(dist.master_addr), dist.master_port)
+        # Every rank, not only rank 0 (the others log warnings only): where each rank runs
+        # and which master it dials is what a failed rendezvous across nodes needs.
+        logger.log(logging.INFO if dist.is_main else logging.WARNING,
+                   "rank %d/%d (local %d) on %s (%s), master %s (%s):%d", dist.rank,
+                   dist.world_size, dist.local_rank, node, _address(node), dist.master_addr,
+                   _address(dist.master_addr), dist.master_port)
         outcome = self.entry(cfg, Path(run_dir))
         status = getattr(outcome, "status", outcome)
         if status == "preempted":

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from scaletrain.core.dist_env import EXIT_REQUEUE
 from scaletrain.launch.local import launch_local
 from scaletrain.launch.watchdog import RankWatchdog
@@ -124,6 +126,7 @@ os._exit(2)
 """
 
 
+@pytest.mark.slow
 def test_groups_without_a_timeout_get_the_configured_one(tmp_path, capfd):
     """torch's default for new_group is 30 min; set_default_pg_timeout makes it ours."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -46,7 +46,8 @@ def _break_rank_and_resume(run_dir, log, sig: int, reference):
     text = log.read_text()
     assert status == EXIT_REQUEUE, text[-5000:]
     assert not ck.is_complete(_step_dir(run_dir, 8)), "broke the rank too late to test resume"
-    resumed = run_train(run_dir, OVERRIDES)
+    # The resume needs no short timeout (a busy CI machine must not trip it).
+    resumed = run_train(run_dir, OVERRIDES[:-1])
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stderr
     _assert_same_as_reference(run_dir, reference)
