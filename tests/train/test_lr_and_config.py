@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.train.config import TrainConfig
-import torch
-
 from scaletrain.train.engine import build_optimizer, deepspeed_config, use_fused_adam
 from scaletrain.train.lr import lr_at
 
