@@ -14,7 +14,7 @@ import torch
 
 from scaletrain.cli.common import add_config_arguments, resolve_config
 from scaletrain.core.config_base import to_dict
-from scaletrain.models.info import model_info
+from scaletrain.models.info import format_flops, model_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +43,14 @@ def main(args: argparse.Namespace) -> int:
         f"({100 * info['trainable_params'] / max(info['params'], 1):.1f}%)",
         f"resolution:           {info['sample_size']}x{info['sample_size']} latents, "
         f"{info['text_seq_len']} text tokens",
-        f"forward FLOPs/sample: {info['flops_per_sample'] / 1e12:.3f} TFLOP",
+        f"forward FLOPs/sample: {format_flops(info['flops_per_sample'])}",
+        f"model FLOPs/sample:   {format_flops(info['model_flops_per_sample'])} "
+        "(3 x forward; MFU counts these)",
+        f"hardware FLOPs/sample: {format_flops(info['hardware_flops_per_sample'])} "
+        "(+ checkpoint recompute; HFU counts these)",
     ]
     if "train_flops_per_sample" in info:
-        lines.append(f"fwd+bwd FLOPs/sample: {info['train_flops_per_sample'] / 1e12:.3f} TFLOP")
+        lines.append(f"traced fwd+bwd FLOPs/sample: {format_flops(info['train_flops_per_sample'])}")
     lines.append("config: " + json.dumps(to_dict(cfg.model)))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

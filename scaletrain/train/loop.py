@@ -40,7 +40,7 @@ from scaletrain.data.loader import build_train_loader
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.conditioning import ModelFn, cast_inputs, make_model_fn
 from scaletrain.eval import EvalSetting, Evaluator
-from scaletrain.models.info import model_info
+from scaletrain.models.info import model_info, training_flops
 from scaletrain.train.checkpoint import RNG, CheckpointManager, PerRank, TrainState, loader_state
 from scaletrain.train.ema import ShardedEMA, master_weight_fragments
 from scaletrain.train.engine import build_engine, init_distributed, set_lr, step_was_skipped
@@ -222,8 +222,11 @@ class Trainer:
         self._start_weights(init_source, resumed)
         self.metrics = MetricsLogger(cfg.logging, run_dir, rank, to_dict(cfg),
                                      resume_step=self.state.step if resumed is not None else None)
-        self.throughput = Throughput(_forward_flops(cfg.model), world_size, device,
-                                     cfg.logging.peak_tflops)
+        forward = _forward_flops(cfg.model)
+        self.throughput = Throughput(
+            forward, world_size, device, cfg.logging.peak_tflops,
+            hardware_flops_per_sample=training_flops(cfg.model, forward)[
+                "hardware_flops_per_sample"])
         self.throughput.load_state_dict({"skipped_steps": self.state.skipped_steps})
         self.loss_by_t = LossByTimestep(cfg.logging.loss_buckets)
         self.diagnostics = DiagnosticsSchedule(cfg.logging.diagnostics_every)

@@ -82,3 +82,28 @@ def test_bad_override_is_a_config_error(capsys):
     rc = cli.main(["model-info", str(PRESETS / "tiny_unet.yaml"), "model.layers_per_block=0"])
     assert rc == 2
     assert "model.layers_per_block" in capsys.readouterr().err
+
+
+def test_model_and_hardware_flops_share_one_definition(capsys):
+    """model FLOPs = 3 x forward (MFU); hardware FLOPs add the forward recomputed under
+    gradient checkpointing (HFU); the training loop's Throughput uses the same numbers."""
+    from scaletrain.train.monitor.throughput import Throughput
+
+    cfg = load_config(PRESETS / "tiny_mmdit.yaml", ["model.gradient_checkpointing=true"]).model
+    info = model_info(cfg, with_backward=False)
+    fwd = info["flops_per_sample"]
+    assert info["model_flops_per_sample"] == 3 * fwd
+    assert info["hardware_flops_per_sample"] == 4 * fwd
+    plain = model_info(load_config(PRESETS / "tiny_mmdit.yaml").model, with_backward=False)
+    assert plain["hardware_flops_per_sample"] == plain["model_flops_per_sample"] == 3 * fwd
+    meter = Throughput(fwd, 1, "cpu", peak_tflops=1e-3,
+                       hardware_flops_per_sample=info["hardware_flops_per_sample"])
+    meter.step_done(4)
+    out = meter.summary()
+    assert out["perf/tflops_per_device"] == pytest.approx(
+        info["model_flops_per_sample"] * out["perf/samples_per_s"] / 1e12)
+    assert out["perf/hfu"] == pytest.approx(out["perf/mfu"] * 4 / 3)
+    # A tiny model is printed in GFLOP, not "0.000 TFLOP".
+    rc, text = _run(capsys, PRESETS / "tiny_mmdit.yaml", "--no-backward")
+    assert rc == 0 and "GFLOP" in text and "0.000 TFLOP" not in text
+    assert f"{3 * fwd / 1e9:.3f} GFLOP" in text

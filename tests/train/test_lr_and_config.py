@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.train.config import TrainConfig
-from scaletrain.train.engine import deepspeed_config
+from scaletrain.train.engine import build_optimizer, deepspeed_config, use_fused_adam
 from scaletrain.train.lr import lr_at
 
 
@@ -52,6 +53,35 @@ def test_deepspeed_config_carries_the_fields():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
-    params = ds["optimizer"]["params"]
-    assert params["betas"] == [0.8, 0.95] and params["weight_decay"] == 0.1
-    assert params["eps"] == 1e-6 and params["torch_adam"] is True
+    assert "optimizer" not in ds  # the client optimizer of build_optimizer
+
+
+def test_optimizer_carries_the_fields_and_is_fused_only_on_cuda():
+    cfg = TrainConfig(betas=[0.8, 0.95], weight_decay=0.1, eps=1e-6, lr=2e-3)
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))],
+                          fused=use_fused_adam(torch.device("cpu")))
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.1
+    assert group["eps"] == 1e-6 and group["lr"] == 2e-3 and not group["fused"]
+    assert use_fused_adam(torch.device("cuda", 0)) and not use_fused_adam(torch.device("cpu"))
+
+
+def test_fused_and_plain_adamw_apply_the_same_update():
+    # torch's fused AdamW also runs on CPU: the path chosen on CUDA is checked here.
+    cfg = TrainConfig(betas=[0.9, 0.99], weight_decay=0.05, eps=1e-8, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, 7, generator=g), torch.randn(7, generator=g)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(4)]
+    params = {}
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = build_optimizer(cfg, ps, fused=fused)
+        assert bool(opt.param_groups[0]["fused"]) is fused
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        params[fused] = [p.detach() for p in ps]
+    for a, b in zip(params[False], params[True]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(params[True][0], init[0])

@@ -76,6 +76,8 @@ class Throughput:
         world_size: number of data-parallel ranks (devices) sharing the samples.
         device: this rank's device, for the peak table and peak memory.
         peak_tflops: peak TFLOP/s per device; None looks it up (CUDA) or omits MFU (CPU).
+        hardware_flops_per_sample: model-info's ``hardware_flops_per_sample`` (forward
+            recompute of gradient checkpointing included) for ``perf/hfu``; None: no recompute.
 
     Loop usage::
 
@@ -93,12 +95,17 @@ class Throughput:
         world_size: int,
         device: torch.device | str = "cpu",
         peak_tflops: float | None = None,
+        hardware_flops_per_sample: float | None = None,
     ) -> None:
         if forward_flops_per_sample < 0:
             raise ValueError(f"forward_flops_per_sample must be >= 0, got {forward_flops_per_sample}")
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.train_flops_per_sample = 3.0 * float(forward_flops_per_sample)
+        # With gradient checkpointing the device also recomputes the forward: HFU counts it.
+        self.hardware_flops_per_sample = (float(hardware_flops_per_sample)
+                                          if hardware_flops_per_sample is not None
+                                          else self.train_flops_per_sample)
         self.world_size = world_size
         self.device = torch.device(device)
         self.peak_tflops = device_peak_tflops(self.device, peak_tflops)
@@ -166,6 +173,9 @@ class Throughput:
             )
             if self.peak_tflops:
                 out["perf/mfu"] = tflops / self.peak_tflops
+                hardware = tflops * self.hardware_flops_per_sample / max(
+                    self.train_flops_per_sample, 1e-30)
+                out["perf/hfu"] = hardware / self.peak_tflops
         self._reset_window()
         return out
 
