@@ -97,14 +97,14 @@ def test_bad_samples_are_named_once_over_epochs_and_resumes(make_dataset, caplog
         it = iter(loader)
         for _ in range(5):  # into epoch 1 (15 good samples, 3 full batches per epoch + carry)
             batch = next(it)
-            assert torch.isfinite(batch["latents"]).all()
+            assert torch.isfinite(batch["latents_mean"]).all() and torch.isfinite(batch["latents_std"]).all()
         state = loader.state_dict()
         # A restart (the crash at step 9 was here): the bad sample is met again, skipped.
         resumed = build_train_loader(config, 0, 1, 0, state=state)
         it = iter(resumed)
         for _ in range(12):
             batch = next(it)
-            assert batch["latents"].shape[1:] == (4, 8, 8)
+            assert batch["latents_mean"].shape[1:] == (4, 8, 8)
     named = [r for r in caplog.records if "s000-0004" in r.getMessage()]
     assert len(named) == 1
     assert resumed.metrics()["bad_samples"] >= 3  # counted in each epoch that met it

@@ -229,12 +229,14 @@ def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str 
 
     reader = threading.Thread(target=produce, daemon=True, name=f"read {path}")
     reader.start()
+    blocked = False
     try:
         while True:
             try:
                 kind, value = handoff.get(timeout=timeout_s)
             except queue.Empty:
                 _STUCK[str(path)] = reader
+                blocked = True
                 raise ReadTimeout(f"no data for {timeout_s:g} s (data.storage.read_timeout_s); "
                                   "a hung mount, or not a regular file?") from None
             if kind == "end":
@@ -244,6 +246,8 @@ def iter_with_timeout(samples: Iterator[RawSample], timeout_s: float, path: str 
             yield value
     finally:
         stop.set()
+        if not blocked:  # the shard is closed (unmapped) before the next one opens
+            reader.join()
 
 
 def iter_samples(path: str | Path, cfg: StorageConfig | None = None,
