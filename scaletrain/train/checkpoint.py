@@ -370,7 +370,7 @@ class CheckpointManager:
         hashes = _all_gather(hashes)
         if self.rank == 0:
             files = {rel: h for part in hashes for rel, h in part.items()}
-            atomic_write_json(tmp / MANIFEST, {"files": files})
+            atomic_write_json(tmp / MANIFEST, {"files": files}, durable=True)
             # Order matters for a power loss: file contents (fsynced above), then every
             # directory entry, then the marker, then the rename, then the parent's entry.
             fsync_tree(tmp)
