@@ -484,7 +484,8 @@ def _loader_metrics_over_ranks(local: dict[str, object], device: torch.device
     rank 1's losses. Epochs are the lowest over ranks (the one still in progress somewhere).
     Every rank's loader reports the same keys (one config)."""
     numbers = {k: float(v) for k, v in sorted(local.items()) if isinstance(v, (int, float))}
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not numbers or not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size() == 1:  # generated data counts nothing
         return numbers
     keys = list(numbers)
     is_epoch = [k == "epoch" or k.endswith("/epoch") for k in keys]
