@@ -404,7 +404,8 @@ def consolidated_weights(checkpoint: Path, weights: str) -> dict[str, torch.Tens
     the read is done; one that was pruned before, or a missing shard, is one clear error."""
     try:
         with reading(checkpoint):
-            check_files_present(checkpoint, "ema/" if weights == "ema" else "ds/")
+            if weights != "ema" or (checkpoint / "ema").is_dir():  # else: "has no EMA"
+                check_files_present(checkpoint, "ema/" if weights == "ema" else "ds/")
             if weights == "ema":
                 return consolidate_ema(checkpoint)
             return consolidate_model(checkpoint)
