@@ -66,7 +66,7 @@ def standin_training(cfg, run_dir: Path) -> Outcome:
 
 
 def _start(run_dir: Path) -> str:
-    cfg = load_config(None, ["train.max_steps=30", "slurm.gpus_per_node=0",
+    cfg = load_config(None, ["train.max_steps=30", "slurm.gpus_per_node=0", "data.num_workers=0",
                              "slurm.tasks_per_node=2", "slurm.time_min=60"])
     job_id = submit_training(cfg, run_dir, entry=standin_training).job_id
     deadline = time.monotonic() + 120

@@ -24,6 +24,7 @@ Facts this relies on (SLURM 22.05 on Debian bookworm; see shared/slurm-in-ci.md)
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import pwd
@@ -162,9 +163,12 @@ class NodeNetwork:
 
     IFNAME = "eth0"
     HOSTS = Path("/etc/hosts")
+    _made = itertools.count()
 
     def __init__(self, nodes: int) -> None:
-        tag = f"{os.getpid() % 100000:05d}"
+        # Per process and per network: a second network in one process (the teardown test
+        # beside the session's cluster) must never name, and so remove, the first's parts.
+        tag = f"{os.getpid() % 100000:05d}{chr(ord('a') + next(NodeNetwork._made) % 26)}"
         self.tag = f"st{tag}"
         self.names = [f"{self.tag}n{k}" for k in range(1, nodes + 1)]
         self.bridge = f"{self.tag}br"
