@@ -250,7 +250,7 @@ def test_a_source_that_does_not_fit_stops_before_any_rank_starts(released, tmp_p
         ("stabilityai/stable-diffusion-xl-base-1.0", [], "Hugging Face hub"),
     ]:
         proc = subprocess.run(
-            train_command(run_dir, [f"data.path={tmp_path}", *overrides,
+            train_command(run_dir, ["data.synthetic.enabled=true", *overrides,
                                     f"model.init_from={init_from}"],
                           config=MODELS / "tiny_unet.yaml"),
             env={**train_env(), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
