@@ -194,7 +194,7 @@ class NodeNetwork:
     def _free_subnet(self) -> str:
         used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
         # 10.250.X.0/24: a range these test hosts alone use; X differs per live cluster.
-        for third in range(int(self.tag[2:]) % 200, 256):
+        for third in range(os.getpid() % 200, 256):
             subnet = f"10.250.{third}"
             if f" {subnet}." not in used:
                 return subnet
