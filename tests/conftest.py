@@ -10,6 +10,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Bitwise-reproducible MKL GEMMs whatever the operands' alignment (strict CNR mode; read at
+# MKL's first call, and inherited by every process a test starts): the exact-equality tests
+# (resume, validation == sample) must not hang on the CPU model of the machine they run on.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,12 @@ class PromptConditioner:
             if self.encoder is None:
                 raise ValueError(f"prompt {todo[0]!r} was not encoded before the text encoder "
                                  "was released")
-            for prompt, record in zip(todo, unbatch_text(self.encoder.encode(todo))):
+            # One prompt per encoder call: a batched GEMM may round a row differently with
+            # other rows beside it (CPU BLAS picks kernels by batch size), and an image must
+            # depend on its own prompt only, not on which prompts were encoded with it
+            # (validation encodes all of its prompts at once, `scaletrain sample` one list).
+            for prompt in todo:
+                (record,) = unbatch_text(self.encoder.encode([prompt]))
                 self._cache[prompt] = text_context(record, self.max_text_tokens)
         rows = [self._cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

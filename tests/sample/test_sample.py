@@ -97,6 +97,19 @@ def test_conditioning_uses_the_training_layout_and_null(tiny_clip_cache):
     assert torch.equal(empty["encoder_hidden_states"][0], reference["encoder_hidden_states"][0])
 
 
+def test_a_prompt_encodes_the_same_whatever_is_encoded_beside_it(tiny_clip_cache):
+    """Validation encodes all of its prompts in one go, `scaletrain sample` its own list: a
+    prompt's conditioning must not depend on its neighbours (a batched GEMM may round a row
+    differently; seen as a 1-level pixel difference between the two paths on CI's CPU)."""
+    cfg = tiny_root_config("tiny_unet", cache_dir=tiny_clip_cache)
+    prompts = ["a red circle", "a blue square", "three green triangles on a line", ""]
+    together = PromptConditioner(cfg.preprocess, 32, "unet", "zeros").text(prompts)
+    for i, prompt in enumerate(prompts):
+        alone = PromptConditioner(cfg.preprocess, 32, "unet", "zeros").text([prompt])
+        for key in ("encoder_hidden_states", "pooled"):
+            assert torch.equal(together[key][i], alone[key][0]), (prompt, key)
+
+
 def test_encoders_that_do_not_fit_the_model_are_named(unet_export, tiny_clip_cache, tmp_path):
     export = write_export(tmp_path / "e", "tiny_unet", tiny_clip_cache,
                           ["model.cross_attention_dim=48"])
