@@ -366,7 +366,7 @@ def add_member_checksums(root: Path) -> None:
 
 
 def bench_checks(args, resolution: int, workdir: Path) -> tuple[list[str], dict]:
-    """The cost of the per-sample checks of issue 14 (member CRC-32, finite values, declared
+    """The cost of the per-sample checks of issue 14 (member checksums, finite values, declared
     dtype and shape), paired against the loader as it was before them: the same shards
     without checksums in the manifest, and the finite/declared checks switched off (here
     only, by swapping the functions for the duration of that round)."""
@@ -425,7 +425,7 @@ def main_checks(args, argv) -> int:
         "",
         f"Machine: {machine_description()}; one intra-op thread; shards in the page cache. "
         "Both rows read the same SDXL-shaped shards (hard links) with the loader of the "
-        "'Training loader' section: 'all checks' verifies every member's CRC-32 against its "
+        "'Training loader' section: 'all checks' verifies every member's checksum (XXH3-64) against its "
         "manifest and checks every latent and text tensor for non-finite values, its dtype "
         "and its shape against the bucket, reading through the time-out thread "
         "(data.storage.read_timeout_s); 'no read time-out' is the same with read_timeout_s=0; "

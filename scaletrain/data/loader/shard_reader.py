@@ -44,8 +44,8 @@ class RawSample:
     position: int
     key: str
     files: dict[str, memoryview]  # extension -> the file's bytes (a view of the mapped tar)
-    # extension -> CRC-32 of the bytes, computed by the reader thread when asked (zlib
-    # releases the GIL, so this runs beside the training process's own work).
+    # extension -> checksum of the bytes (shard_format.member_checksum), computed by the
+    # reader thread when asked, beside the consumer's own work.
     checksums: dict[str, int] | None = None
 
 

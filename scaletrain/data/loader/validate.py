@@ -4,7 +4,7 @@ and recorded in the loader's quarantine (its state), never fatal and never silen
 
 Kept apart from decoding (:mod:`.batching`) so that each check is one small function:
 
-* :func:`verify_members`: the bytes of each member against the CRC-32 the shard's manifest
+* :func:`verify_members`: the bytes of each member against the checksum (XXH3-64) the shard's manifest
   records (bit rot that leaves the tar and safetensors headers intact);
 * :func:`check_finite`: NaN/inf in the latent distribution or the text states;
 * :func:`check_declared`: the dataset's declared latent dtype, and the latent's spatial size

@@ -149,7 +149,7 @@ class ShardOutput:
         # what sizes a dataset (printed per sample by `scaletrain preprocess`).
         self.member_bytes: Counter[str] = Counter()
         self.num_samples = 0
-        # "{key}.{ext}" -> CRC-32 of the member's bytes (the loader verifies each on read).
+        # "{key}.{ext}" -> checksum (XXH3-64) of the member's bytes (the loader verifies each on read).
         self.member_checksums: dict[str, int] = {}
 
     def write(self, sample: dict[str, Any], bucket: tuple[int, int]) -> None:
