@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import pytest
 import torch
 from safetensors.torch import load, save
@@ -10,6 +13,7 @@ from scaletrain.data.loader.shard_reader import (
     RawSample,
     ShardFailure,
     iter_stored_samples,
+    iter_tar_members,
     read_shard_shuffled,
 )
 from scaletrain.data.loader.tensor_view import load_tensors_view
@@ -122,3 +126,77 @@ def test_the_loader_leaves_the_global_rng_alone(dataset):
     next(iter(loader))
     next(iter(loader))
     assert torch.equal(torch.rand(3), expected)
+
+
+
+def _reader(data: bytes):
+    """``read(n)`` over ``data``, as the mapped and streamed shard readers give it."""
+    offset = 0
+
+    def read(n):
+        nonlocal offset
+        chunk = memoryview(data)[offset:offset + n]
+        offset += len(chunk)
+        return chunk
+
+    return read
+
+
+def _members_by_tarfile(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_parser_agrees_with_tarfile(fmt):
+    """The loader's header parser yields the regular members tarfile reads, byte for byte:
+    ustar prefix/name splits, GNU long names, pax paths, empty and block-sized files; a
+    directory, a symlink and a pax global header are skipped."""
+    rng = torch.Generator().manual_seed(0)
+    files = {"a.txt": b"", "b.json": b"{}", "c.bin": bytes(512),
+             "d.bin": bytes(torch.randint(0, 256, (1537,), generator=rng).to(torch.uint8)),
+             f"{'p' * 120}/{'n' * 90}.x": b"ustar prefix split"}
+    if fmt != tarfile.USTAR_FORMAT:
+        files[f"{'k' * 300}.txt"] = b"long name"
+    buf = io.BytesIO()
+    pax = {"comment": "global"} if fmt == tarfile.PAX_FORMAT else None
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=pax) as tar:
+        directory = tarfile.TarInfo("dir")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
+        tar.addfile(link)
+    data = buf.getvalue()
+    ours = [(name, bytes(view)) for name, view in iter_tar_members(_reader(data))]
+    assert ours == _members_by_tarfile(data)
+    assert sorted(name for name, _ in ours) == sorted(files)
+
+
+@pytest.mark.parametrize("damage", ["checksum", "truncated data", "truncated header",
+                                    "not a tar"])
+def test_tar_parser_refuses_damaged_tars(damage):
+    """A flipped header byte, data or a header cut short, and a file that is no tar at all:
+    a ReadError (the shard fails and is named), never members made of garbage."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        # blocks: pax header, its record, the member's own header, then its data
+        info = tarfile.TarInfo("k" * 120 + ".bin")
+        info.size = 2000
+        tar.addfile(info, io.BytesIO(bytes(2000)))
+    data = bytearray(buf.getvalue())
+    assert len(list(iter_tar_members(_reader(bytes(data))))) == 1  # intact: read
+    if damage == "checksum":
+        data[2 * 512 + 10] ^= 1  # a byte of the member's own header's name
+    elif damage == "truncated data":
+        data = data[: 3 * 512 + 100]
+    elif damage == "truncated header":
+        data = data[: 2 * 512 + 100]
+    else:
+        data = bytearray(b"<html><body>not a tar</body></html>" + bytes(2000))
+    with pytest.raises(tarfile.ReadError):
+        list(iter_tar_members(_reader(bytes(data))))
