@@ -516,11 +516,15 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *verdicts,
             "",
-            "The loader's own reader parses tar headers with tarfile and views each member in the "
-            "memory-mapped file (no copy), then views tensors in place; what remains per sample "
-            "is stacking the latents' mean and std in their stored dtype (the Gaussian draw, "
-            "once about half the loader's time at 1024 px, now runs in the training step on its "
-            "device), the float32 text batch and Python bookkeeping. A page-cache read is a memory copy; no Python tar pipeline comes near it.",
+            "The loader parses tar headers itself (one 512-byte block at a time, checksum "
+            "verified; tarfile's header parsing was about a third of a sample's time) and views "
+            "each member in the memory-mapped file (no copy), then views tensors in place; it "
+            "verifies every member's XXH3-64 checksum (CRC-32 was another third) and checks the "
+            "tensors for non-finite values, dtype and shape. What remains per sample is "
+            "stacking the latents' mean and std in their stored dtype (the Gaussian draw runs "
+            "in the training step on its device), the float32 text batch and Python "
+            "bookkeeping. It beats webdataset's iteration, which copies every member three "
+            "times; a page-cache read is a memory copy, which no Python tar pipeline reaches.",
         ]
     )
     print(markdown)
