@@ -17,6 +17,7 @@ import yaml
 from scaletrain.core.config_base import ConfigError, to_dict
 from scaletrain.core.run_dir import CHECKPOINTS, STEP_PREFIX, find_latest, read_state
 from scaletrain.data.loader.dataset_index import load_dataset_index
+from scaletrain.data.loader.plan import num_slots
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,20 @@ def check_run_dir(cfg, run_dir: str | Path, overwrite: bool = False) -> Path | N
     return None
 
 
-def check_data(cfg) -> None:
-    """Every data source has a readable dataset index: checked once, on rank 0 or in the
-    launcher, before the process group and the model (a missing ``data.path`` used to fail
-    after the whole start-up, once per rank)."""
+def check_data(cfg, world_size: int | None = None) -> None:
+    """Every data source has a readable dataset index, and training keeps shards to read:
+    checked once, on rank 0 or in the launcher, before the process group and the model (a
+    missing ``data.path`` used to fail after the whole start-up, once per rank).
+
+    Fewer shards than reading slots (ranks x workers) is not refused: the loader deals an
+    epoch's shards round-robin from an offset that moves every epoch, so every slot reads
+    within a few epochs and each epoch's samples still come exactly once (only the epochs
+    drift apart between slots; a small source of a mixture is the usual case). The loader
+    warns about it on rank 0; ``world_size`` (given by ``--dry-run``, which builds no
+    loader) says the same here. What starves is a source with no shard left to train on:
+    an empty index (refused by :func:`load_dataset_index`) or ``eval.holdout_shards``
+    holding out all of ``data.path``.
+    """
     data = cfg.data
     if data.synthetic.enabled:
         return
@@ -85,7 +96,29 @@ def check_data(cfg) -> None:
         (s.path, f"data.sources[{i}].path") for i, s in enumerate(data.sources)]
     for path, key in sources:
         try:
-            load_dataset_index(path, data.storage, key=key)
+            index = load_dataset_index(path, data.storage, key=key)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        train_shards = index.num_shards
+        if key == "data.path" and cfg.eval.holdout_shards:
+            train_shards -= cfg.eval.holdout_shards
+            if train_shards < 1:
+                raise ConfigError(
+                    f"eval.holdout_shards: {cfg.eval.holdout_shards} of the "
+                    f"{index.num_shards} shards in {path} leaves none to train on; hold out "
+                    f"fewer, or give the held-out set as eval.data")
+        if world_size is not None:
+            slots = num_slots(world_size, data.num_workers)
+            if train_shards < slots:
+                log.warning(
+                    "%s: %d shards to train on for %d reading slots (%d ranks x %d workers): "
+                    "some slots read none of it in an epoch, so its epochs drift apart "
+                    "between slots (every sample still comes once per epoch); write smaller "
+                    "shards or use fewer workers to keep them in step", path, train_shards,
+                    slots, world_size, max(1, data.num_workers))
+    if cfg.eval.data:
+        try:
+            load_dataset_index(cfg.eval.data, data.storage, key="eval.data")
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
 

@@ -122,3 +122,31 @@ def test_a_runtime_failure_prints_one_line_and_keeps_the_traceback_in_train_log(
     assert "(traceback in " in proc.stderr and str(run / "train.log") in proc.stderr
     log_text = (run / "train.log").read_text()
     assert "Traceback (most recent call last)" in log_text and "training failed" in log_text
+
+
+def test_dry_run_refuses_data_with_no_shard_left_to_train_on(tmp_path, capsys):
+    """Too few shards is checked before the start-up (issue 15). What starves is no shard
+    to train on (all held out): refused in one line naming the path and the shard count.
+    Fewer shards than ranks x workers reads every sample once per epoch (the deal rotates),
+    so it is one warning line naming the counts, not a refusal."""
+    from scaletrain.cli import main
+    from tests.loader.conftest import write_latent_dataset
+
+    data = tmp_path / "latents"
+    write_latent_dataset(data, num_shards=2, per_shard=4)
+    argv = ["train", str(SYNTHETIC.parent / "demo.yaml"), "--run-dir", str(tmp_path / "run"),
+            "--dry-run", "--nproc", "2", f"data.path={data}", "data.num_workers=2"]
+    assert main([*argv, "eval.holdout_shards=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"eval.holdout_shards: 2 of the 2 shards in {data} leaves none to train on" in err[0]
+
+    assert main([*argv, "eval.holdout_shards=1"]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "reading slots" in x]
+    assert len(warned) == 1
+    assert f"{data}: 1 shards to train on for 4 reading slots (2 ranks x 2 workers)" in warned[0]
+    assert main([*argv, "--nproc", "1", "data.num_workers=1"]) == 0  # 2 shards, 1 slot
+    assert "reading slots" not in capsys.readouterr().err
+    assert main([*argv, f"eval.data={tmp_path / 'nowhere'}"]) == 2
+    assert "eval.data is not a directory of latent shards" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
