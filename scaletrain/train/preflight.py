@@ -7,6 +7,7 @@ that names what is wrong, and nothing in the run directory has been touched yet.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -153,21 +154,62 @@ def check_same_model(cfg, run_dir: Path) -> None:
         )
 
 
-def describe_world_change(cfg, run_dir: Path, world_size: int, lr: float) -> str | None:
-    """One line when a resume changes the global batch (another number of ranks), else None."""
+def _global_batch(cfg, world_size: int) -> int:
+    return cfg.data.batch_size * cfg.train.grad_accum * world_size
+
+
+def _checkpoint_batch(cfg, ckpt: Path, state: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(world size, global batch) of the job that wrote ``ckpt`` (None when not recorded)."""
+    old_world = state.get("world_size")
+    if old_world is None:
+        return None, None
+    saved = saved_config(ckpt) or {}
+    data, train = saved.get("data", {}), saved.get("train", {})
+    per_rank = data.get("batch_size", cfg.data.batch_size) * train.get(
+        "grad_accum", cfg.train.grad_accum)
+    return old_world, per_rank * old_world
+
+
+def lr_batch(cfg, run_dir: Path, world_size: int) -> int:
+    """The global batch ``train.lr`` is meant for: the one the run started with. A fresh
+    run's own; on a resume, what the checkpoint's state.json records (``lr_batch``), or for
+    a checkpoint written before that was recorded, its own global batch."""
+    ckpt = find_latest(run_dir) if cfg.checkpoint.resume else None
+    if ckpt is None:
+        return _global_batch(cfg, world_size)
+    state = read_state(ckpt)
+    if state.get("lr_batch"):
+        return int(state["lr_batch"])
+    return _checkpoint_batch(cfg, ckpt, state)[1] or _global_batch(cfg, world_size)
+
+
+def train_config_in_use(cfg, world_size: int, reference_batch: int):
+    """``cfg.train`` with the learning rates this job uses: with
+    ``train.scale_lr_with_batch``, ``lr`` and ``min_lr`` scaled linearly by the global batch
+    over ``reference_batch`` (:func:`lr_batch`); else ``cfg.train`` itself."""
+    train = cfg.train
+    if not train.scale_lr_with_batch:
+        return train
+    factor = _global_batch(cfg, world_size) / reference_batch
+    return dataclasses.replace(train, lr=train.lr * factor, min_lr=train.min_lr * factor)
+
+
+def describe_world_change(cfg, run_dir: Path, world_size: int, lr: float,
+                          reference_batch: int | None = None) -> str | None:
+    """One line when a resume changes the global batch (another number of ranks), else None;
+    it says the learning rate ``lr`` this job uses, and whether it was scaled."""
     ckpt = find_latest(run_dir)
     if ckpt is None or not cfg.checkpoint.resume:
         return None
-    old_world = read_state(ckpt).get("world_size")
+    old_world, old_global = _checkpoint_batch(cfg, ckpt, read_state(ckpt))
     if old_world is None or old_world == world_size:
         return None
-    saved = saved_config(ckpt) or {}
-    data, train = saved.get("data", {}), saved.get("train", {})
-    old_per_rank = data.get("batch_size", cfg.data.batch_size) * train.get(
-        "grad_accum", cfg.train.grad_accum)
-    new_global = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    return (
-        f"resuming at world size {world_size} (was {old_world}): global batch "
-        f"{old_per_rank * old_world} -> {new_global}, learning rate {lr:g} unchanged "
-        f"(scale train.lr yourself if the batch change should change it)"
-    )
+    new_global = _global_batch(cfg, world_size)
+    if cfg.train.scale_lr_with_batch:
+        how = (f"learning rate {lr:g} (train.lr {cfg.train.lr:g} x {new_global}/"
+               f"{reference_batch or old_global}: train.scale_lr_with_batch)")
+    else:
+        how = (f"learning rate {lr:g} unchanged (scale train.lr yourself, or set "
+               f"train.scale_lr_with_batch=true, if the batch change should change it)")
+    return (f"resuming at world size {world_size} (was {old_world}): global batch "
+            f"{old_global} -> {new_global}, {how}")

@@ -83,6 +83,44 @@ def test_resume_at_another_world_size_says_old_and_new_global_batch(tmp_path):
     assert describe_world_change(cfg, tmp_path, world_size=3, lr=1e-3) is None
 
 
+def test_scale_lr_with_batch_scales_from_the_runs_first_global_batch(tmp_path):
+    """train.scale_lr_with_batch (issue 15): train.lr is the LR of the batch the run started
+    with; a resume at another world size scales lr and min_lr linearly, also after a chain
+    of resumes (state.json's lr_batch), and the warning line says the LR in use."""
+    from scaletrain.train.lr import lr_at
+    from scaletrain.train.preflight import lr_batch, train_config_in_use
+
+    over = ["train.scale_lr_with_batch=true", "train.lr=1e-3", "train.min_lr=1e-4",
+            "train.lr_schedule=cosine", "train.warmup_steps=0"]
+    cfg = load_config(SYNTHETIC, over)
+    per_rank = cfg.data.batch_size * cfg.train.grad_accum
+    assert lr_batch(cfg, tmp_path, 2) == 2 * per_rank  # a fresh run: its own batch
+    _fake_run(tmp_path, world_size=3, overrides=over)  # written before lr_batch existed
+    reference = lr_batch(cfg, tmp_path, 2)
+    assert reference == 3 * per_rank
+    train = train_config_in_use(cfg, 2, reference)
+    assert train.lr == pytest.approx(1e-3 * 2 / 3) and train.min_lr == pytest.approx(1e-4 * 2 / 3)
+    assert lr_at(train, 0) == pytest.approx(1e-3 * 2 / 3)  # the schedule runs on it
+    line = describe_world_change(cfg, tmp_path, 2, train.lr, reference)
+    assert line is not None and "\n" not in line
+    assert f"global batch {3 * per_rank} -> {2 * per_rank}, learning rate 0.000666667" in line
+    assert "train.scale_lr_with_batch" in line
+    # A later checkpoint of the resumed job records the first job's batch: resuming from it at
+    # world size 6 scales from that batch (x2 of the start), not from world size 2's.
+    ckpt = rd.checkpoints_dir(tmp_path) / rd.step_dir_name(20)
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text(dump_yaml(cfg))
+    (ckpt / rd.STATE).write_text(json.dumps({"step": 20, "world_size": 2,
+                                             "lr_batch": 3 * per_rank}))
+    (ckpt / rd.MARKER).write_text("")
+    assert rd.find_latest(tmp_path) == ckpt
+    assert train_config_in_use(cfg, 6, lr_batch(cfg, tmp_path, 6)).lr == pytest.approx(2e-3)
+    # Off (the default): train.lr as given, and the line says so and how to change it.
+    plain = load_config(SYNTHETIC, [])
+    assert train_config_in_use(plain, 2, reference) is plain.train
+    assert "unchanged" in describe_world_change(plain, tmp_path, 6, plain.train.lr)
+
+
 def test_model_keys_that_differ_are_all_named_in_one_error(tmp_path):
     _fake_run(tmp_path, world_size=1)
     cfg = load_config(SYNTHETIC, ["model.width=32", "model.depth=2", "model.trainable=x"])
