@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from scaletrain.core.config_base import ConfigError
+from scaletrain.core.log import quiet_dependency_output
 from scaletrain.core.signals import install_early_handlers
 
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaletrain: unknown subcommand {argv[0]!r}", file=sys.stderr)
         return 2
     sub = by_name[argv[0]]
+    # Before the subcommand's imports bring in the hub libraries (which read it once).
+    quiet_dependency_output()
     if sub.name == "train":
         # Before the slow imports: a stop signal during start-up must end in a checkpoint
         # and the requeue status, not in death by signal.

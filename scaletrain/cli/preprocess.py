@@ -16,7 +16,7 @@ from scaletrain.cli.common import add_config_arguments, resolve_config
 from scaletrain.core.log import setup_logging
 from scaletrain.data import storage
 from scaletrain.data.preprocess.local import run_local_workers, run_rank
-from scaletrain.data.preprocess.output import describe_sizes, finalize_index
+from scaletrain.data.preprocess.output import check_same_config, describe_sizes, finalize_index
 from scaletrain.data.preprocess.pipeline import PreprocessSummary
 from scaletrain.data.preprocess.work import check_output_apart, expand_inputs, resolve_rank_world
 
@@ -67,9 +67,11 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("scaletrain preprocess: --workers must be >= 1", file=sys.stderr)
         return 2
-    # Before any worker starts: an output that overlaps the inputs' folder is refused here.
-    check_output_apart(args.output, expand_inputs(args.input, store))
     cfg = root.preprocess
+    # Before any input is listed or worker started: an output holding shards of another
+    # config, or overlapping the inputs' folder, is refused here in one line.
+    check_same_config(args.output, cfg, store)
+    check_output_apart(args.output, expand_inputs(args.input, store))
     base_rank, base_world, source = resolve_rank_world()
     log.info(
         "rank %d of %d (from %s), %d local worker(s)", base_rank, base_world, source, args.workers

@@ -53,7 +53,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)  # validates eagerly, also in the launcher process
     if cfg is None:  # --dry-run printed the config; the start-up checks run too
         cfg = load_config(args.config, args.overrides)
-        check_data(cfg)
+        setup_logging(args.log_level)
+        # No loader is built: the shards-per-slot warning of the run is said here.
+        check_data(cfg, world_size=args.nproc or dist_env_from_environ().world_size)
         if not args.overwrite:
             check_run_dir(cfg, args.run_dir)
         return EXIT_OK

@@ -6,10 +6,13 @@ Only rank 0 logs INFO by default; other ranks log WARNING and above unless ``all
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 _FORMAT = "%(asctime)s [%(levelname)s] [rank %(rank)s] %(name)s: %(message)s"
 
@@ -40,6 +43,59 @@ def quiet_dependency_warnings() -> None:
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
         warnings.filterwarnings("default", category=category, module=r"scaletrain(\.|$)")
+    # The hub client's notices about arguments its callers (diffusers) still pass.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"huggingface_hub(\.|$)")
+
+
+# Set (unless the user set them) before the hub libraries are imported, and inherited by
+# every rank and worker process: no per-model "Loading weights" or download bars from
+# huggingface_hub/transformers, and no retry warnings from the hub client (a failed load is
+# said in one line of ours: scaletrain.data.encoders.common.load_failure).
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_VERBOSITY": "error"}
+
+
+def quiet_dependency_output() -> None:
+    """Quiet by default: the dependencies' progress bars and chatter never reach the console
+    (scaletrain's own progress line does). SCALETRAIN_SHOW_WARNINGS=1 shows everything."""
+    if os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1":
+        return
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def captured_output(what: str) -> Iterator[None]:
+    """Run a dependency's step that prints and draws progress bars (DeepSpeed's checkpoint
+    conversions) with its stdout and stderr kept off the console; what it wrote is logged at
+    DEBUG (``--log-level DEBUG`` shows it). Our own log lines are unaffected: their handlers
+    hold the real streams."""
+    if os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1":
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            logging.getLogger(__name__).debug("%s wrote:\n%s", what, text)
+
+
+class _DropMessages(logging.Filter):
+    """Drops a dependency's records that start with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# DeepSpeed warnings no user can act on, said by every rank: we never pass an MPU (no
+# tensor or pipeline parallelism), so a universal-checkpoint resume always "sets tp size 1".
+_UNACTIONABLE = {"DeepSpeed": ("MPU is not provided",)}
 
 
 def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool = False) -> None:
@@ -59,6 +115,10 @@ def setup_logging(level: str = "INFO", rank: int | None = None, all_ranks: bool 
     # Third-party libraries are noisy at INFO; keep them at WARNING.
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for name, prefixes in _UNACTIONABLE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
 
 
 FILE_ONLY = "scaletrain.file_only"  # a logger whose records go to the log file, not the console

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from scaletrain.core.dist_env import import_deepspeed
+from scaletrain.core.log import captured_output
 from scaletrain.core.run_dir import TMP_PREFIX, rank_files, resolve_checkpoint
 
 import_deepspeed()
@@ -117,7 +118,8 @@ def consolidate_model(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     ckpt = resolve_checkpoint(checkpoint_dir)
     ds_dir = ckpt / DS_TAG
     if any(ds_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        with captured_output("DeepSpeed's ZeRO consolidation"):  # its prints and bars
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
         weights = {k: v.float().contiguous() for k, v in state.items()}
         states = model_states(ckpt)  # ZeRO-0/1 leave frozen parameters out of the above
         for name in frozen_shapes(states):
@@ -139,9 +141,10 @@ def convert_to_universal(ds_dir: Path, out: Path) -> Path:
         return out
     tmp = out.with_name(TMP_PREFIX + out.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(ds_dir), output_folder=str(tmp), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
-    ))
+    with captured_output("DeepSpeed's universal conversion"):  # its prints and bars
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(ds_dir), output_folder=str(tmp), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        ))
     tmp.rename(out)
     return out

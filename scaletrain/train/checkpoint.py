@@ -98,6 +98,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0
     skipped_steps: int = 0  # steps whose update was discarded (non-finite loss or gradients)
+    # The global batch train.lr is meant for (the run's first job's; 0: not recorded), for
+    # train.scale_lr_with_batch after resumes at other world sizes.
+    lr_batch: int = 0
 
 
 @dataclass

@@ -43,6 +43,10 @@ class TrainConfig:
     # logging windows (logging.every steps each) marks the next checkpoint unhealthy (0 = off).
     loss_spike_factor: float = 20.0
     progress_bar: bool = True
+    # On a resume at another global batch (another world size): scale lr and min_lr linearly
+    # with the global batch, relative to the one the run started with (state.json's
+    # lr_batch). False keeps train.lr; the resume's warning line says the LR in use.
+    scale_lr_with_batch: bool = False
     # Seconds a collective (and every process group's rendezvous) may wait for a peer before
     # it fails, instead of torch's 30 min default; also how long a rank may go without a
     # heartbeat before the launcher (or rank 0) ends the job for a requeue. 600 s leaves

@@ -57,7 +57,7 @@ from scaletrain.train.monitor.metrics_logger import MetricsLogger
 from scaletrain.train.monitor.throughput import Throughput
 from scaletrain.train.monitor.timestep_loss import LossByTimestep
 from scaletrain.train.monitor.validation import Validator
-from scaletrain.train.preflight import describe_world_change
+from scaletrain.train.preflight import describe_world_change, lr_batch, train_config_in_use
 from scaletrain.train.signals import PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,12 @@ class Trainer:
         # Checked before anything is built or written: released weights that do not fit stop
         # the run in seconds (None when there is no model.init_from or the run resumes).
         init_source = open_init_source(cfg.model, run_dir, cfg.checkpoint.resume)
+        reference_batch = lr_batch(cfg, run_dir, world_size)
+        # The learning rates of this job (train.scale_lr_with_batch may scale them).
+        self.lr_cfg = train_config_in_use(cfg, world_size, reference_batch)
         if rank == 0:
-            change = describe_world_change(cfg, run_dir, world_size, train.lr)
+            change = describe_world_change(cfg, run_dir, world_size, self.lr_cfg.lr,
+                                           reference_batch)
             if change is not None:
                 log.warning("%s", change)
             save_config(cfg, run_dir)
@@ -212,7 +216,7 @@ class Trainer:
                                          holdout_shards=cfg.eval.holdout_shards)
         # The empty prompt's encoding is the "null" conditioning of CFG dropout.
         self.objective = build_objective(cfg.diffusion, null_cond=self.loader.empty_conditioning())
-        self.state = TrainState()
+        self.state = TrainState(lr_batch=reference_batch)
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, run_dir, rank=rank, world_size=world_size,
             zero_stage=train.zero_stage, engine=self.engine, train_state=self.state,
@@ -300,7 +304,7 @@ class Trainer:
         self.throughput.start()
         try:
             while state.step < train.max_steps:
-                lr = lr_at(train, state.step)
+                lr = lr_at(self.lr_cfg, state.step)
                 set_lr(self.engine, lr)
                 collect = self.diagnostics.should_collect(state.step + 1)
                 set_model_diagnostics(self.engine.module, collect)

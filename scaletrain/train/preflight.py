@@ -7,6 +7,7 @@ that names what is wrong, and nothing in the run directory has been touched yet.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from scaletrain.core.config_base import ConfigError, to_dict
 from scaletrain.core.run_dir import CHECKPOINTS, STEP_PREFIX, find_latest, read_state
 from scaletrain.data.loader.dataset_index import load_dataset_index
+from scaletrain.data.loader.plan import num_slots
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,20 @@ def check_run_dir(cfg, run_dir: str | Path, overwrite: bool = False) -> Path | N
     return None
 
 
-def check_data(cfg) -> None:
-    """Every data source has a readable dataset index: checked once, on rank 0 or in the
-    launcher, before the process group and the model (a missing ``data.path`` used to fail
-    after the whole start-up, once per rank)."""
+def check_data(cfg, world_size: int | None = None) -> None:
+    """Every data source has a readable dataset index, and training keeps shards to read:
+    checked once, on rank 0 or in the launcher, before the process group and the model (a
+    missing ``data.path`` used to fail after the whole start-up, once per rank).
+
+    Fewer shards than reading slots (ranks x workers) is not refused: the loader deals an
+    epoch's shards round-robin from an offset that moves every epoch, so every slot reads
+    within a few epochs and each epoch's samples still come exactly once (only the epochs
+    drift apart between slots; a small source of a mixture is the usual case). The loader
+    warns about it on rank 0; ``world_size`` (given by ``--dry-run``, which builds no
+    loader) says the same here. What starves is a source with no shard left to train on:
+    an empty index (refused by :func:`load_dataset_index`) or ``eval.holdout_shards``
+    holding out all of ``data.path``.
+    """
     data = cfg.data
     if data.synthetic.enabled:
         return
@@ -85,7 +97,29 @@ def check_data(cfg) -> None:
         (s.path, f"data.sources[{i}].path") for i, s in enumerate(data.sources)]
     for path, key in sources:
         try:
-            load_dataset_index(path, data.storage, key=key)
+            index = load_dataset_index(path, data.storage, key=key)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        train_shards = index.num_shards
+        if key == "data.path" and cfg.eval.holdout_shards:
+            train_shards -= cfg.eval.holdout_shards
+            if train_shards < 1:
+                raise ConfigError(
+                    f"eval.holdout_shards: {cfg.eval.holdout_shards} of the "
+                    f"{index.num_shards} shards in {path} leaves none to train on; hold out "
+                    f"fewer, or give the held-out set as eval.data")
+        if world_size is not None:
+            slots = num_slots(world_size, data.num_workers)
+            if train_shards < slots:
+                log.warning(
+                    "%s: %d shards to train on for %d reading slots (%d ranks x %d workers): "
+                    "some slots read none of it in an epoch, so its epochs drift apart "
+                    "between slots (every sample still comes once per epoch); write smaller "
+                    "shards or use fewer workers to keep them in step", path, train_shards,
+                    slots, world_size, max(1, data.num_workers))
+    if cfg.eval.data:
+        try:
+            load_dataset_index(cfg.eval.data, data.storage, key="eval.data")
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
 
@@ -120,21 +154,62 @@ def check_same_model(cfg, run_dir: Path) -> None:
         )
 
 
-def describe_world_change(cfg, run_dir: Path, world_size: int, lr: float) -> str | None:
-    """One line when a resume changes the global batch (another number of ranks), else None."""
+def _global_batch(cfg, world_size: int) -> int:
+    return cfg.data.batch_size * cfg.train.grad_accum * world_size
+
+
+def _checkpoint_batch(cfg, ckpt: Path, state: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(world size, global batch) of the job that wrote ``ckpt`` (None when not recorded)."""
+    old_world = state.get("world_size")
+    if old_world is None:
+        return None, None
+    saved = saved_config(ckpt) or {}
+    data, train = saved.get("data", {}), saved.get("train", {})
+    per_rank = data.get("batch_size", cfg.data.batch_size) * train.get(
+        "grad_accum", cfg.train.grad_accum)
+    return old_world, per_rank * old_world
+
+
+def lr_batch(cfg, run_dir: Path, world_size: int) -> int:
+    """The global batch ``train.lr`` is meant for: the one the run started with. A fresh
+    run's own; on a resume, what the checkpoint's state.json records (``lr_batch``), or for
+    a checkpoint written before that was recorded, its own global batch."""
+    ckpt = find_latest(run_dir) if cfg.checkpoint.resume else None
+    if ckpt is None:
+        return _global_batch(cfg, world_size)
+    state = read_state(ckpt)
+    if state.get("lr_batch"):
+        return int(state["lr_batch"])
+    return _checkpoint_batch(cfg, ckpt, state)[1] or _global_batch(cfg, world_size)
+
+
+def train_config_in_use(cfg, world_size: int, reference_batch: int):
+    """``cfg.train`` with the learning rates this job uses: with
+    ``train.scale_lr_with_batch``, ``lr`` and ``min_lr`` scaled linearly by the global batch
+    over ``reference_batch`` (:func:`lr_batch`); else ``cfg.train`` itself."""
+    train = cfg.train
+    if not train.scale_lr_with_batch:
+        return train
+    factor = _global_batch(cfg, world_size) / reference_batch
+    return dataclasses.replace(train, lr=train.lr * factor, min_lr=train.min_lr * factor)
+
+
+def describe_world_change(cfg, run_dir: Path, world_size: int, lr: float,
+                          reference_batch: int | None = None) -> str | None:
+    """One line when a resume changes the global batch (another number of ranks), else None;
+    it says the learning rate ``lr`` this job uses, and whether it was scaled."""
     ckpt = find_latest(run_dir)
     if ckpt is None or not cfg.checkpoint.resume:
         return None
-    old_world = read_state(ckpt).get("world_size")
+    old_world, old_global = _checkpoint_batch(cfg, ckpt, read_state(ckpt))
     if old_world is None or old_world == world_size:
         return None
-    saved = saved_config(ckpt) or {}
-    data, train = saved.get("data", {}), saved.get("train", {})
-    old_per_rank = data.get("batch_size", cfg.data.batch_size) * train.get(
-        "grad_accum", cfg.train.grad_accum)
-    new_global = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    return (
-        f"resuming at world size {world_size} (was {old_world}): global batch "
-        f"{old_per_rank * old_world} -> {new_global}, learning rate {lr:g} unchanged "
-        f"(scale train.lr yourself if the batch change should change it)"
-    )
+    new_global = _global_batch(cfg, world_size)
+    if cfg.train.scale_lr_with_batch:
+        how = (f"learning rate {lr:g} (train.lr {cfg.train.lr:g} x {new_global}/"
+               f"{reference_batch or old_global}: train.scale_lr_with_batch)")
+    else:
+        how = (f"learning rate {lr:g} unchanged (scale train.lr yourself, or set "
+               f"train.scale_lr_with_batch=true, if the batch change should change it)")
+    return (f"resuming at world size {world_size} (was {old_world}): global batch "
+            f"{old_global} -> {new_global}, {how}")

@@ -281,7 +281,9 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(tmp_path, demo_cfg):
     assert preprocess_shards(demo_cfg, pattern, out).shards_done == 1
 
     # Another config into the same directory would mix datasets: refused.
-    with pytest.raises(FingerprintMismatch, match="different preprocess config"):
+    with pytest.raises(FingerprintMismatch,
+                       match=r"different preprocess config \(preprocess.crop 'center' -> "
+                             r"'random'\)"):
         preprocess_shards(replace(demo_cfg, crop="random"), pattern, out)
     # Also when the new run's inputs are other shards: the plan records the old config.
     other = write_synthetic_shards(tmp_path / "other", num_shards=1, samples_per_shard=2)

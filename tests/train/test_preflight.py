@@ -83,6 +83,44 @@ def test_resume_at_another_world_size_says_old_and_new_global_batch(tmp_path):
     assert describe_world_change(cfg, tmp_path, world_size=3, lr=1e-3) is None
 
 
+def test_scale_lr_with_batch_scales_from_the_runs_first_global_batch(tmp_path):
+    """train.scale_lr_with_batch (issue 15): train.lr is the LR of the batch the run started
+    with; a resume at another world size scales lr and min_lr linearly, also after a chain
+    of resumes (state.json's lr_batch), and the warning line says the LR in use."""
+    from scaletrain.train.lr import lr_at
+    from scaletrain.train.preflight import lr_batch, train_config_in_use
+
+    over = ["train.scale_lr_with_batch=true", "train.lr=1e-3", "train.min_lr=1e-4",
+            "train.lr_schedule=cosine", "train.warmup_steps=0"]
+    cfg = load_config(SYNTHETIC, over)
+    per_rank = cfg.data.batch_size * cfg.train.grad_accum
+    assert lr_batch(cfg, tmp_path, 2) == 2 * per_rank  # a fresh run: its own batch
+    _fake_run(tmp_path, world_size=3, overrides=over)  # written before lr_batch existed
+    reference = lr_batch(cfg, tmp_path, 2)
+    assert reference == 3 * per_rank
+    train = train_config_in_use(cfg, 2, reference)
+    assert train.lr == pytest.approx(1e-3 * 2 / 3) and train.min_lr == pytest.approx(1e-4 * 2 / 3)
+    assert lr_at(train, 0) == pytest.approx(1e-3 * 2 / 3)  # the schedule runs on it
+    line = describe_world_change(cfg, tmp_path, 2, train.lr, reference)
+    assert line is not None and "\n" not in line
+    assert f"global batch {3 * per_rank} -> {2 * per_rank}, learning rate 0.000666667" in line
+    assert "train.scale_lr_with_batch" in line
+    # A later checkpoint of the resumed job records the first job's batch: resuming from it at
+    # world size 6 scales from that batch (x2 of the start), not from world size 2's.
+    ckpt = rd.checkpoints_dir(tmp_path) / rd.step_dir_name(20)
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text(dump_yaml(cfg))
+    (ckpt / rd.STATE).write_text(json.dumps({"step": 20, "world_size": 2,
+                                             "lr_batch": 3 * per_rank}))
+    (ckpt / rd.MARKER).write_text("")
+    assert rd.find_latest(tmp_path) == ckpt
+    assert train_config_in_use(cfg, 6, lr_batch(cfg, tmp_path, 6)).lr == pytest.approx(2e-3)
+    # Off (the default): train.lr as given, and the line says so and how to change it.
+    plain = load_config(SYNTHETIC, [])
+    assert train_config_in_use(plain, 2, reference) is plain.train
+    assert "unchanged" in describe_world_change(plain, tmp_path, 6, plain.train.lr)
+
+
 def test_model_keys_that_differ_are_all_named_in_one_error(tmp_path):
     _fake_run(tmp_path, world_size=1)
     cfg = load_config(SYNTHETIC, ["model.width=32", "model.depth=2", "model.trainable=x"])
@@ -122,3 +160,31 @@ def test_a_runtime_failure_prints_one_line_and_keeps_the_traceback_in_train_log(
     assert "(traceback in " in proc.stderr and str(run / "train.log") in proc.stderr
     log_text = (run / "train.log").read_text()
     assert "Traceback (most recent call last)" in log_text and "training failed" in log_text
+
+
+def test_dry_run_refuses_data_with_no_shard_left_to_train_on(tmp_path, capsys):
+    """Too few shards is checked before the start-up (issue 15). What starves is no shard
+    to train on (all held out): refused in one line naming the path and the shard count.
+    Fewer shards than ranks x workers reads every sample once per epoch (the deal rotates),
+    so it is one warning line naming the counts, not a refusal."""
+    from scaletrain.cli import main
+    from tests.loader.conftest import write_latent_dataset
+
+    data = tmp_path / "latents"
+    write_latent_dataset(data, num_shards=2, per_shard=4)
+    argv = ["train", str(SYNTHETIC.parent / "demo.yaml"), "--run-dir", str(tmp_path / "run"),
+            "--dry-run", "--nproc", "2", f"data.path={data}", "data.num_workers=2"]
+    assert main([*argv, "eval.holdout_shards=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"eval.holdout_shards: 2 of the 2 shards in {data} leaves none to train on" in err[0]
+
+    assert main([*argv, "eval.holdout_shards=1"]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "reading slots" in x]
+    assert len(warned) == 1
+    assert f"{data}: 1 shards to train on for 4 reading slots (2 ranks x 2 workers)" in warned[0]
+    assert main([*argv, "--nproc", "1", "data.num_workers=1"]) == 0  # 2 shards, 1 slot
+    assert "reading slots" not in capsys.readouterr().err
+    assert main([*argv, f"eval.data={tmp_path / 'nowhere'}"]) == 2
+    assert "eval.data is not a directory of latent shards" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

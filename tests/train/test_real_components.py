@@ -108,15 +108,32 @@ def test_demo_sigkill_and_resume_is_bit_exact_with_real_loader(shards, tmp_path)
         assert all(torch.equal(a[k], b[k]) for k in a), consolidate.__name__
 
 
-def test_demo_resumes_on_one_rank_with_gradient_accumulation(shards, tmp_path):
-    """2 ranks -> 1 rank: universal checkpoint, merged loader states, re-sliced EMA."""
+# What dependencies printed on the console of a run before issue 15: transformers' bar at
+# every load of the text encoder (each validation), DeepSpeed's universal conversion (prints
+# and bars) and its per-rank MPU warning on a resume at another world size.
+DEPENDENCY_NOISE = ("Loading weights", "Loading checkpoint shards", "it/s]",
+                    "Convert DeepSpeed Checkpoint", "Extracting ZeRO fragments",
+                    "Processing zero checkpoint", "MPU is not provided", "Retrying in")
+
+
+def test_demo_resumes_on_one_rank_with_gradient_accumulation(shards, tmp_path, monkeypatch):
+    """2 ranks -> 1 rank: universal checkpoint, merged loader states, re-sliced EMA. The
+    console of both jobs (with a validation) has our lines only: no dependency's bars."""
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_VERBOSITY", "SCALETRAIN_SHOW_WARNINGS"):
+        monkeypatch.delenv(name, raising=False)  # quiet by default, not by the test's setup
     config = REPO / "configs" / "train" / "demo.yaml"
-    first = run_train(tmp_path, _overrides(shards, 2, 2), config=config)
+    first = run_train(tmp_path, _overrides(shards, 2, 2) + [
+        "validation.every=2", "validation.steps=1", "validation.prompts=[a red square]"],
+        config=config)
     assert first.returncode == 0, explain(first)
+    assert (tmp_path / "validation" / "step_000000002.png").is_file()
     second = run_train(tmp_path, _overrides(shards, 2, 3) + ["train.grad_accum=2"], nproc=1,
                        config=config)
     assert second.returncode == 0, explain(second)
     assert "world size 2 -> 1" in second.stderr
+    for proc in (first, second):
+        console = proc.stdout + proc.stderr
+        assert not [n for n in DEPENDENCY_NOISE if n in console], explain(proc)
     state = json.loads((ck.find_latest(tmp_path) / ck.STATE).read_text())
     # 2 steps x 2 ranks x 2 samples, then 1 step x 1 rank x 2 micro-batches x 2 samples.
     assert state["step"] == 3 and state["samples_seen"] == 12 and state["world_size"] == 1

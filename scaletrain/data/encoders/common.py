@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -34,33 +35,34 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def quiet_hub_libraries() -> None:
-    """transformers/diffusers print load reports and progress bars per model; a
-    preprocessing run loads a few models once and wants its own progress bar only. The hub
-    client's retry warnings say nothing a failed load does not say in one line."""
-    try:
-        import huggingface_hub  # heavy: imported when used
+HUB_LIBRARIES = ("huggingface_hub", "transformers", "diffusers")
 
-        huggingface_hub.utils.logging.set_verbosity_error()
-    except (ImportError, AttributeError):
-        pass
-    for name in list(logging.root.manager.loggerDict):  # some set their own level
-        if name.startswith("huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers  # heavy (see encoders/__init__.py): imported when used
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import diffusers  # heavy (see encoders/__init__.py): imported when used
+def quiet_hub_libraries(libraries: tuple[str, ...] = HUB_LIBRARIES) -> None:
+    """transformers/diffusers print load reports and progress bars per model ("Loading
+    weights" at every validation); a run wants its own progress line only. The hub client's
+    retry warnings say nothing a failed load does not say in one line. ``libraries`` names
+    the ones to quiet (each is imported: give only those the caller is about to use; the
+    environment set by :func:`scaletrain.core.log.quiet_dependency_output` covers the rest)."""
+    if "huggingface_hub" in libraries:
+        try:
+            import huggingface_hub  # heavy: imported when used
 
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        pass
+            huggingface_hub.utils.logging.set_verbosity_error()
+        except (ImportError, AttributeError):
+            pass
+        for name in list(logging.root.manager.loggerDict):  # some set their own level
+            if name.startswith("huggingface_hub"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+    for library in ("transformers", "diffusers"):
+        if library not in libraries:
+            continue
+        try:  # heavy (see encoders/__init__.py): imported when used
+            module = importlib.import_module(f"{library}.utils.logging")
+            module.set_verbosity_error()
+            module.disable_progress_bar()
+        except (ImportError, AttributeError):
+            pass
 
 
 def load_failure(what: str, name: str, subfolder: str | None, exc: Exception) -> Exception:

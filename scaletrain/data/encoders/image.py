@@ -21,7 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaletrain.data.encoders.common import DTYPE_NAMES, load_failure, resolve_device, torch_dtype
+from scaletrain.data.encoders.common import (
+    DTYPE_NAMES,
+    load_failure,
+    quiet_hub_libraries,
+    resolve_device,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,9 @@ class VAEEncoder(ImageEncoder):
     ) -> None:
         from diffusers import AutoencoderKL  # heavy: imported when a VAE is used
 
+        # Every load (preprocess, validation, evaluation, sampling) is quiet, and a hub id
+        # that cannot be fetched is one line (load_failure), not the client's retries.
+        quiet_hub_libraries(("huggingface_hub", "diffusers"))
         self.name = name
         self.subfolder = subfolder
         self.device = resolve_device(device)

@@ -33,7 +33,13 @@ from typing import Any
 
 import torch
 
-from scaletrain.data.encoders.common import DTYPE_NAMES, load_failure, resolve_device, torch_dtype
+from scaletrain.data.encoders.common import (
+    DTYPE_NAMES,
+    load_failure,
+    quiet_hub_libraries,
+    resolve_device,
+    torch_dtype,
+)
 from scaletrain.data.encoders.tiny import ensure_tiny_clip
 from scaletrain.data.preprocess.config import TextModelConfig
 
@@ -56,6 +62,8 @@ class TransformersTextModel:
     def __init__(self, cfg, family: str, projection: bool, device, dtype) -> None:
         from transformers import AutoTokenizer  # heavy: imported when used
 
+        # Quiet loads and one-line failures, as for the VAE (image.py).
+        quiet_hub_libraries(("huggingface_hub", "transformers"))
         self.cfg = cfg
         self.family = family  # "clip" or "t5"
         self.device = device

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from scaletrain.core.config_base import require, to_dict
 
@@ -227,16 +227,36 @@ class PreprocessConfig:
                 )
 
 
+def fingerprinted_config(cfg: PreprocessConfig) -> dict[str, Any]:
+    """The keys that change the bytes written (runtime keys excluded), as a nested dict:
+    what :func:`output_fingerprint` hashes and ``plan.json`` records, so that a rerun with
+    another config can be told which keys differ."""
+    data = to_dict(cfg)
+    for key in RUNTIME_KEYS:
+        data.pop(key, None)
+    # Where the tiny demo encoder is cached does not change it (its build is seeded).
+    data["text_encoder"]["tiny"].pop("cache_dir", None)
+    return data
+
+
 def output_fingerprint(cfg: PreprocessConfig) -> str:
     """A short hash of every key that changes the bytes written (runtime keys excluded).
 
     Manifests record it; a rerun into the same directory with a different fingerprint would
     mix two datasets, so it stops with an error instead.
     """
-    data = to_dict(cfg)
-    for key in RUNTIME_KEYS:
-        data.pop(key, None)
-    # Where the tiny demo encoder is cached does not change it (its build is seeded).
-    data["text_encoder"]["tiny"].pop("cache_dir", None)
-    blob = json.dumps(data, sort_keys=True).encode("utf-8")
+    blob = json.dumps(fingerprinted_config(cfg), sort_keys=True).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key old -> new`` for every dotted key whose value differs between two
+    :func:`fingerprinted_config` dicts, sorted."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out

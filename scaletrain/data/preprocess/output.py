@@ -35,8 +35,15 @@ from typing import Any
 
 import webdataset as wds
 
+from scaletrain.core.config_base import ConfigError
 from scaletrain.data import shard_format as sf
 from scaletrain.data import storage
+from scaletrain.data.preprocess.config import (
+    PreprocessConfig,
+    config_differences,
+    fingerprinted_config,
+    output_fingerprint,
+)
 from scaletrain.data.preprocess.samples import ShardEnd
 from scaletrain.data.storage import StorageConfig
 
@@ -46,7 +53,7 @@ log = logging.getLogger(__name__)
 TAR_OVERHEAD = "tar headers+padding"
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(ConfigError):
     """The output directory holds shards made with another config."""
 
 
@@ -277,29 +284,41 @@ def remove_stale_temporaries(out_dir: str | Path, stems: list[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def check_same_config(out_dir: str | Path, fingerprint: str,
+def check_same_config(out_dir: str | Path, preprocess: PreprocessConfig,
                       cfg: StorageConfig | None = None) -> None:
     """Refuse to add shards made with another config to a directory that has some already
-    (one read of plan.json, not one per manifest: cheap for thousands of ranks)."""
+    (one read of plan.json, not one per manifest: cheap for thousands of ranks), naming the
+    keys that differ. A rerun with the same config (a killed run resumed) passes, and so
+    does any config where no shard was finished yet."""
     plan = _read_json(storage.join(str(out_dir), sf.PLAN_NAME), cfg)
     if plan is None:
         return
     previous = plan.get("config_fingerprint")
-    if previous != fingerprint and storage.listing(out_dir, sf.MANIFEST_SUFFIX, cfg):
-        raise FingerprintMismatch(
-            f"{out_dir} holds shards made with a different preprocess config (fingerprint "
-            f"{previous} != {fingerprint}); write to a fresh output directory, or delete the "
-            f"old shards to redo them"
-        )
+    fingerprint = output_fingerprint(preprocess)
+    if previous == fingerprint or not storage.listing(out_dir, sf.MANIFEST_SUFFIX, cfg):
+        return
+    recorded = plan.get("config")
+    differing = (config_differences(recorded, fingerprinted_config(preprocess))
+                 if isinstance(recorded, dict) else [])
+    # Written before plan.json recorded the config: only the fingerprints can be compared.
+    what = ", ".join(f"preprocess.{d}" for d in differing) or (
+        f"fingerprint {previous} != {fingerprint}")
+    raise FingerprintMismatch(
+        f"{out_dir} holds shards made with a different preprocess config ({what}); write to "
+        f"a fresh --output, rerun with the config it was made with, or delete the old shards "
+        f"to redo them"
+    )
 
 
-def write_plan(out_dir: str | Path, table: list[tuple[str, str]], fingerprint: str,
+def write_plan(out_dir: str | Path, table: list[tuple[str, str]], preprocess: PreprocessConfig,
                cfg: StorageConfig | None = None) -> None:
     storage.write_json(
         storage.join(str(out_dir), sf.PLAN_NAME),
         {
             "shards": [{"shard": stem, "url": url} for stem, url in table],
-            "config_fingerprint": fingerprint,
+            "config_fingerprint": output_fingerprint(preprocess),
+            # What check_same_config compares a rerun with, key by key.
+            "config": fingerprinted_config(preprocess),
         },
         cfg,
     )

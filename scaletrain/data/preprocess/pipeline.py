@@ -203,8 +203,8 @@ def preprocess_shards(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     fingerprint = output_fingerprint(cfg)
     table = shard_table(urls)
-    check_same_config(out_dir, fingerprint, storage_cfg)
-    write_plan(out_dir, table, fingerprint, storage_cfg)
+    check_same_config(out_dir, cfg, storage_cfg)
+    write_plan(out_dir, table, cfg, storage_cfg)
     mine = assign(table, rank, world)
     todo = [(s, u) for s, u in mine
             if not shard_is_complete(out_dir, s, fingerprint, verify, storage_cfg, u)]
