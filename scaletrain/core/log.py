@@ -35,10 +35,15 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def show_dependency_output() -> bool:
+    """SCALETRAIN_SHOW_WARNINGS=1: the dependencies' warnings, bars and chatter are shown."""
+    return os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1"
+
+
 def quiet_dependency_warnings() -> None:
     """Hide deprecation notices raised inside dependencies (a user cannot act on them);
     scaletrain's own stay visible. SCALETRAIN_SHOW_WARNINGS=1 shows everything."""
-    if os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1":
+    if show_dependency_output():
         return
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -57,7 +62,7 @@ _QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_VERBOSITY": "error"}
 def quiet_dependency_output() -> None:
     """Quiet by default: the dependencies' progress bars and chatter never reach the console
     (scaletrain's own progress line does). SCALETRAIN_SHOW_WARNINGS=1 shows everything."""
-    if os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1":
+    if show_dependency_output():
         return
     for name, value in _QUIET_ENV.items():
         os.environ.setdefault(name, value)
@@ -69,7 +74,7 @@ def captured_output(what: str) -> Iterator[None]:
     conversions) with its stdout and stderr kept off the console; what it wrote is logged at
     DEBUG (``--log-level DEBUG`` shows it). Our own log lines are unaffected: their handlers
     hold the real streams."""
-    if os.environ.get("SCALETRAIN_SHOW_WARNINGS") == "1":
+    if show_dependency_output():
         yield
         return
     buffer = io.StringIO()

@@ -42,7 +42,9 @@ class TrainConfig:
     # A step loss above this factor x the running median of the mean losses of the last 20
     # logging windows (logging.every steps each) marks the next checkpoint unhealthy (0 = off).
     loss_spike_factor: float = 20.0
-    progress_bar: bool = True
+    # A tqdm bar on rank 0's console besides the progress line (logging.every); off by
+    # default: the line says more, and a bar's redraws garble log files (SLURM, train.log).
+    progress_bar: bool = False
     # On a resume at another global batch (another world size): scale lr and min_lr linearly
     # with the global batch, relative to the one the run started with (state.json's
     # lr_batch). False keeps train.lr; the resume's warning line says the LR in use.

@@ -115,3 +115,35 @@ def test_an_inherited_wandb_service_is_not_reused(tmp_path, monkeypatch):
         log.log(1, {"loss": 1.0})
     assert [r["step"] for r in _rows(tmp_path)] == [1]
     assert len(offline_run_files(tmp_path)) == 1
+
+
+def test_wandb_is_quiet_at_the_end_of_a_run(tmp_path):
+    """No wandb history/summary tables on the console when a run ends (issue 15: quiet by
+    default); where the offline run is kept is still said. SCALETRAIN_SHOW_WARNINGS=1 brings
+    the tables back."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "from scaletrain.train.monitor.metrics_logger import MetricsLogger\n"
+        "from scaletrain.train.monitor.config import LoggingConfig\n"
+        "import sys\n"
+        "with MetricsLogger(LoggingConfig(wandb_mode='offline'), sys.argv[1], rank=0) as log:\n"
+        "    for step in range(1, 4):\n"
+        "        log.log(step, {'loss': 1.0 / step})\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_QUIET")}
+    env.update(PYTHONPATH=str(repo), WANDB_MODE="offline")
+    outputs = {}
+    for show in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / show)],
+                              env={**env, "SCALETRAIN_SHOW_WARNINGS": show},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[show] = proc.stdout + proc.stderr
+    assert "Run history" in outputs["1"]  # what quiet removes exists
+    assert "Run history" not in outputs["0"] and "Run summary" not in outputs["0"]
+    assert "offline-run" in outputs["0"]

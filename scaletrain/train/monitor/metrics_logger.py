@@ -27,6 +27,7 @@ from typing import Any
 import wandb
 
 from scaletrain.core.files import atomic_write
+from scaletrain.core.log import show_dependency_output
 from scaletrain.train.monitor.config import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,9 @@ class MetricsLogger:
             tags=list(self.cfg.wandb_tags) or None,
             id=persistent_wandb_id(self.run_dir),
             resume="allow",
+            # Quiet: no history and summary tables at the end (about ten lines); where the
+            # run is kept (or its URL) is still said. The console's summary is ours.
+            settings=wandb.Settings(quiet=not show_dependency_output()),
         )
         try:
             return wandb.init(mode=mode, **kwargs)
