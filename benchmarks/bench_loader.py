@@ -406,17 +406,24 @@ def bench_checks(args, resolution: int, workdir: Path) -> tuple[list[str], dict]
     return lines, {"resolution": resolution, "checks_vs_before": ratio}
 
 
-def main_checks(args, argv) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="bench_checks_", dir=os.environ.get("BENCH_DIR")))
+def run_resolutions(args, bench, prefix: str) -> tuple[list[str], list[dict]]:
+    """``bench(args, resolution, workdir)`` for each resolution in a scratch folder removed
+    afterwards: (all table rows, the summaries)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_DIR")))
+    rows, summaries = [], []
     try:
-        rows, summaries = [], []
         for resolution in args.resolutions:
-            lines, summary = bench_checks(args, resolution, workdir)
+            lines, summary = bench(args, resolution, workdir)
             rows += lines
             summaries.append(summary)
-            print(json.dumps(summary), flush=True)
+            print(json.dumps(summary, indent=1), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return rows, summaries
+
+
+def main_checks(args, argv) -> int:
+    rows, summaries = run_resolutions(args, bench_checks, "bench_checks_")
     command = "PYTHONPATH=. python benchmarks/bench_loader.py " + " ".join(argv or sys.argv[1:])
     markdown = "\n".join([
         "## Per-sample checks in the loader (issue 14)",
@@ -425,8 +432,8 @@ def main_checks(args, argv) -> int:
         "",
         f"Machine: {machine_description()}; one intra-op thread; shards in the page cache. "
         "Both rows read the same SDXL-shaped shards (hard links) with the loader of the "
-        "'Training loader' section: 'all checks' verifies every member's checksum (XXH3-64) against its "
-        "manifest and checks every latent and text tensor for non-finite values, its dtype "
+        "'Training loader' section: 'all checks' verifies every member's checksum "
+        "(XXH3-64) against its manifest and checks every latent and text tensor for non-finite values, its dtype "
         "and its shape against the bucket, reading through the time-out thread "
         "(data.storage.read_timeout_s); 'no read time-out' is the same with read_timeout_s=0; "
         "'no checks' is the loader as it was before (no checks, no time-out). "
@@ -462,19 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.checks:
         return main_checks(args, argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench_loader_", dir=os.environ.get("BENCH_DIR")))
     server = start_s3_server()
     try:
-        rows, summaries = [], []
-        for resolution in args.resolutions:
-            lines, summary = bench_resolution(args, resolution, workdir)
-            rows += lines
-            summaries.append(summary)
-            print(json.dumps(summary, indent=1), flush=True)
+        rows, summaries = run_resolutions(args, bench_resolution, "bench_loader_")
     finally:
         server.terminate()
         server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
     command = "PYTHONPATH=. python benchmarks/bench_loader.py " + " ".join(argv or sys.argv[1:])
     verdicts = []
