@@ -101,17 +101,18 @@ def requeue_this_job(max_requeues: int) -> bool:
     return True
 
 
-def _failed_peer(cfg: Any, beats: Path, dist) -> str | None:
+def dead_peer(beats: Path, rank: int, world_size: int, stall_s: float) -> str | None:
     """Why this rank's training failed, when the cause is a peer that died or stopped (its
-    heartbeat file left behind, no longer touched): "rank R died or stopped (...)". None
-    when every peer ended normally or still beats: then the error is an ordinary one."""
-    if dist.world_size == 1:
+    heartbeat file in ``beats`` left behind, no longer touched): "rank R died or stopped
+    (...)". None when every peer ended normally or still beats: an ordinary error then.
+    Used by TrainingJob and by ``scaletrain train`` under srun (slurm/train.sbatch)."""
+    if world_size == 1:
         return None
-    peers = failed_peers(beats, dist.rank, cfg.train.dist_timeout_s)
+    peers = failed_peers(beats, rank, stall_s)
     if not peers:
         return None
-    rank = min(peers)
-    return f"rank {rank} died or stopped (no heartbeat for {peers[rank]:.0f} s)"
+    dead = min(peers)
+    return f"rank {dead} died or stopped (no heartbeat for {peers[dead]:.0f} s)"
 
 
 def _requeue_for(cause: str, cfg: Any, run_dir: str, is_main: bool, fields: dict) -> None:
@@ -159,7 +160,7 @@ class TrainingJob:
         try:
             outcome = self.entry(cfg, Path(run_dir))
         except Exception as exc:
-            cause = _failed_peer(cfg, beats, dist)
+            cause = dead_peer(beats, dist.rank, dist.world_size, cfg.train.dist_timeout_s)
             if cause is None:
                 raise  # this rank's own error, or a peer's ordinary one: a requeue repeats it
             error = (str(exc).strip().splitlines() or [""])[0][:200]

@@ -187,6 +187,35 @@ def test_preempted_two_node_job_requeues_resumes_and_matches(
     assert_same_final_weights(run_dir, one_node_reference)
 
 
+def _kill_rank_1_and_wait_for_the_requeue(job_id: str, run_dir):
+    """SIGKILL rank 1 (on the second node) once the job has its first checkpoint; return the
+    newest complete checkpoint once SLURM has the job pending again: what it must resume
+    from."""
+    import os
+    import re
+    import signal
+    import time
+
+    from scaletrain.core.run_dir import find_latest, heartbeat_dir
+    from scaletrain.launch.slurm_state import live_state
+
+    from .test_slurm_jobs import JOB_TIMEOUT, job_logs, wait_for_checkpoint
+
+    wait_for_checkpoint(job_id, run_dir)
+    # The heartbeat file says which process is rank 1.
+    beat = heartbeat_dir(run_dir) / f"{job_id}-0" / "rank_1"
+    pid = int(re.match(r"pid (\d+)", beat.read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    # A requeued job waits pending a few seconds (the test cluster's cred_expire) first.
+    while live_state(job_id) not in ("PENDING", "REQUEUED"):
+        assert time.monotonic() < deadline, f"not requeued\n{job_logs(run_dir)}"
+        time.sleep(0.1)
+    last_complete = find_latest(run_dir)
+    assert last_complete is not None
+    return last_complete
+
+
 def test_a_rank_killed_on_one_node_requeues_the_job_and_it_resumes(
         slurm_multinode_cluster, mn_config, one_node_reference, tmp_path):
     """(c) SIGKILL of the training process on the second node mid-run (what the OOM killer
@@ -194,39 +223,17 @@ def test_a_rank_killed_on_one_node_requeues_the_job_and_it_resumes(
     time limit; its collective fails, it finds the dead rank's heartbeat left behind and
     requeues the job (exit 75); the job resumes from the last complete checkpoint, and the
     final weights and EMA equal the uninterrupted run's bit for bit."""
-    import os
     import re
-    import signal
-    import time
 
-    from scaletrain.core.run_dir import find_latest, heartbeat_dir
     from scaletrain.launch.records import read_job_records
     from scaletrain.launch.slurm_state import accounting_states
 
-    from .test_slurm_jobs import (
-        JOB_TIMEOUT,
-        assert_same_final_weights,
-        job_logs,
-        wait_completed,
-        wait_for_checkpoint,
-    )
+    from .test_slurm_jobs import assert_same_final_weights, job_logs, wait_completed
 
     run_dir = tmp_path / "run"
     # A short process-group timeout bounds the wait when a death is not seen at once.
     job_id = _submit(slurm_multinode_cluster, run_dir, mn_config, "train.dist_timeout_s=30")
-    wait_for_checkpoint(job_id, run_dir)
-    # The heartbeat file says which process is rank 1 (on the second node).
-    beat = heartbeat_dir(run_dir) / f"{job_id}-0" / "rank_1"
-    pid = int(re.match(r"pid (\d+)", beat.read_text()).group(1))
-    os.kill(pid, signal.SIGKILL)
-
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not any(r["event"] == "requeued" for r in read_job_records(run_dir)):
-        assert time.monotonic() < deadline, f"not requeued\n{job_logs(run_dir)}"
-        time.sleep(0.2)
-    # What the requeued run must start from: the newest checkpoint complete at the failure.
-    last_complete = find_latest(run_dir)
-    assert last_complete is not None
+    last_complete = _kill_rank_1_and_wait_for_the_requeue(job_id, run_dir)
     wait_completed(job_id, run_dir)
 
     records = read_job_records(run_dir)
@@ -241,4 +248,34 @@ def test_a_rank_killed_on_one_node_requeues_the_job_and_it_resumes(
     # Resumed from exactly that checkpoint: nothing after it counted as done.
     step = int(last_complete.name.removeprefix("step_"))
     assert f"resumed from {last_complete} at step {step} " in logs, logs
+    assert_same_final_weights(run_dir, one_node_reference)
+
+
+def test_a_rank_killed_under_the_sbatch_template_requeues_the_job(
+        slurm_multinode_cluster, mn_config, one_node_reference, tmp_path):
+    """(c) the same with slurm/train.sbatch (srun + `scaletrain train`) on two nodes: srun
+    reports the killed task, the script requeues the job, and it resumes from the last
+    complete checkpoint to the uninterrupted run's weights and EMA."""
+    from scaletrain.launch.slurm_state import accounting_states, wait_for_terminal
+
+    from .test_slurm_jobs import JOB_TIMEOUT, REPO, _env, assert_same_final_weights
+
+    run_dir = tmp_path / "run"
+    ifname = slurm_multinode_cluster.socket_ifname
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+         "--cpus-per-task=1", "--time=60", f"--output={tmp_path}/job-%j.out",
+         f"--export=ALL,GLOO_SOCKET_IFNAME={ifname}", str(REPO / "slurm" / "train.sbatch"),
+         str(mn_config), str(run_dir), "train.dist_timeout_s=30"],
+        env=_env(), capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    job_id = out.stdout.strip().split(";")[0]
+    last_complete = _kill_rank_1_and_wait_for_the_requeue(job_id, run_dir)
+    state = wait_for_terminal(job_id, timeout=JOB_TIMEOUT)
+    text = (tmp_path / f"job-{job_id}.out").read_text()
+    assert state == "COMPLETED", text
+    assert accounting_states(job_id, all_runs=True) == ["REQUEUED", "COMPLETED"]
+    assert f"requeuing job {job_id}" in text, text
+    step = int(last_complete.name.removeprefix("step_"))
+    assert f"resumed from {last_complete} at step {step} " in text, text
     assert_same_final_weights(run_dir, one_node_reference)
