@@ -4,7 +4,8 @@ With ``--nproc N`` this process is a launcher: it starts N local ranks
 (:mod:`scaletrain.launch.local`) running this same command without ``--nproc``. Without it,
 this process is one rank and reads its place from the environment (torchrun / SLURM
 variables, or a single process).
-Exit status: 0 done, 75 (EXIT_REQUEUE) preempted after a checkpoint, 1 failed.
+Exit status: 0 done, 75 (EXIT_REQUEUE) preempted after a checkpoint (or, under srun, a peer
+rank died or stopped: scaletrain.launch.jobs.dead_peer), 1 failed.
 """
 
 from __future__ import annotations
