@@ -4,7 +4,8 @@ With ``--nproc N`` this process is a launcher: it starts N local ranks
 (:mod:`scaletrain.launch.local`) running this same command without ``--nproc``. Without it,
 this process is one rank and reads its place from the environment (torchrun / SLURM
 variables, or a single process).
-Exit status: 0 done, 75 (EXIT_REQUEUE) preempted after a checkpoint, 1 failed.
+Exit status: 0 done, 75 (EXIT_REQUEUE) preempted after a checkpoint (or, under srun, a peer
+rank died or stopped: scaletrain.launch.jobs.dead_peer), 1 failed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from scaletrain.cli.common import add_config_arguments, resolve_config
 from scaletrain.config import load_config
 from scaletrain.core.config_base import ConfigError
 from scaletrain.core.dist_env import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, dist_env_from_environ
+from scaletrain.core.heartbeat import HEARTBEAT_DIR_ENV
 from scaletrain.core.log import FILE_ONLY, add_log_file, setup_logging
 from scaletrain.core.run_dir import (
     TRAIN_LOG,
@@ -27,11 +29,12 @@ from scaletrain.core.run_dir import (
     find_latest,
     heartbeat_dir,
 )
+from scaletrain.launch.jobs import dead_peer
 from scaletrain.launch.local import launch_local
 from scaletrain.launch.watchdog import RankWatchdog
 from scaletrain.train.checkpoint import CheckpointWriteError
 from scaletrain.train.init_weights import check_init_source
-from scaletrain.train.loop import NonFiniteTrainingError, run_training
+from scaletrain.train.loop import NonFiniteTrainingError, run_training, slurm_heartbeat_dir
 from scaletrain.train.preflight import check_data, check_run_dir
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
         watchdog = RankWatchdog(heartbeat_dir(args.run_dir), cfg.train.dist_timeout_s)
         return launch_local(argv, args.nproc, hold_signals=True, watchdog=watchdog)
 
-    rank = dist_env_from_environ().rank
+    env = dist_env_from_environ()
+    rank = env.rank
     setup_logging(args.log_level, rank=rank)
     log_file = Path(args.run_dir) / TRAIN_LOG
     try:
@@ -96,6 +100,16 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         raise
     except Exception as exc:
+        # Under srun (slurm/train.sbatch): a peer that died makes this a retryable failure;
+        # 75 tells the script to requeue the job (scaletrain.launch.jobs.dead_peer).
+        if env.source == "slurm" and not os.environ.get(HEARTBEAT_DIR_ENV):
+            cause = dead_peer(slurm_heartbeat_dir(args.run_dir), rank, env.world_size,
+                              cfg.train.dist_timeout_s)
+            if cause is not None:
+                log.error("rank %d: %s: %s; %s: ending the job for a requeue (exit %d)", rank,
+                          type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200],
+                          cause, EXIT_REQUEUE)
+                return EXIT_REQUEUE
         if rank != 0 or not log_file.is_file():
             raise
         # The developer's traceback goes to the run's log file; the console gets one line.

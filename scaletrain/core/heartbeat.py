@@ -55,9 +55,39 @@ def stale_ranks(directory: str | Path, stall_s: float, now: float | None = None,
     return out
 
 
+def failed_peers(directory: str | Path, rank: int, stall_s: float) -> dict[int, float]:
+    """After this rank's collective failed: the peers that died or stopped, as
+    {rank: seconds since its last beat}; {} when every peer ended normally or still beats.
+
+    A rank that ends, normally or by an exception, removes its file (``Heartbeat.__exit__``);
+    one that was killed (SIGKILL, the OOM killer, its node lost) or stopped leaves it behind,
+    ageing. A file is judged after it has missed three beats, as the local launcher judges
+    (:mod:`scaletrain.launch.watchdog`), so this waits up to three beat intervals (30 s at
+    most) for a freshly dead peer's file to age.
+    """
+    interval = beat_interval(stall_s)
+    limit = 3 * interval
+    deadline = time.monotonic() + limit + interval
+    while True:
+        stale = {r: age for r, age in stale_ranks(directory, limit).items() if r != rank}
+        if stale or time.monotonic() > deadline:
+            return stale
+        time.sleep(interval / 2)
+
+
+# Called as action(rank, age) before rank 0 ends a job whose rank stopped: a SLURM job
+# requeues itself here (scaletrain.launch.jobs); the local launcher watches its ranks itself.
+STALL_ACTIONS: list[Callable[[int, float], object]] = []
+
+
 def _stop_job(rank: int, age: float) -> None:
     log.error("rank %d stopped making progress (no heartbeat for %.0f s); ending the job "
               "for a requeue (exit %d)", rank, age, EXIT_REQUEUE)
+    for action in STALL_ACTIONS:
+        try:
+            action(rank, age)
+        except Exception as exc:  # the exit below must happen regardless
+            log.error("before ending the job: %s", exc)
     logging.shutdown()
     # os._exit: the main thread may be blocked in a collective that would never return.
     os._exit(EXIT_REQUEUE)

@@ -20,6 +20,14 @@ trainer has installed its handlers (imports, data set-up) submitit's path applie
 ``TrainingJob.checkpoint`` returns the same call and submitit requeues it; once the trainer
 is running its handler replaces submitit's, and the path above applies.
 
+A rank that dies (killed, out of memory, its node lost) makes its peers' next collective
+fail: at once when its sockets close, at the latest after ``train.dist_timeout_s``. A
+surviving rank then looks at the job's heartbeat files (:mod:`scaletrain.core.heartbeat`): a
+peer whose file was left behind and stopped being touched died or stopped, and the survivor
+requeues the job (exit 75); it resumes from the last complete checkpoint. An ordinary error
+in a rank removes that rank's file on its way out, so its peers let the job fail: a requeue
+would only repeat it. Either way at most ``slurm.max_requeues`` restarts.
+
 A job is requeued only while SLURM still reports it RUNNING: a ``scancel`` also sends
 SIGTERM, and a cancelled job must stay cancelled (the checkpoint is saved all the same).
 """
@@ -37,12 +45,13 @@ from typing import Any
 import submitit
 
 from scaletrain.core.dist_env import EXIT_REQUEUE, array_task_from_environ, dist_env_from_environ
+from scaletrain.core.heartbeat import HEARTBEAT_DIR_ENV, STALL_ACTIONS, failed_peers
 from scaletrain.core.log import setup_logging
 from scaletrain.data.preprocess.output import finalize_index
 from scaletrain.data.preprocess.pipeline import preprocess_shards
 from scaletrain.launch.records import append_job_record
 from scaletrain.launch.slurm_state import live_state
-from scaletrain.train.loop import run_training
+from scaletrain.train.loop import run_training, slurm_heartbeat_dir
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +101,30 @@ def requeue_this_job(max_requeues: int) -> bool:
     return True
 
 
+def dead_peer(beats: Path, rank: int, world_size: int, stall_s: float) -> str | None:
+    """Why this rank's training failed, when the cause is a peer that died or stopped (its
+    heartbeat file in ``beats`` left behind, no longer touched): "rank R died or stopped
+    (...)". None when every peer ended normally or still beats: an ordinary error then.
+    Used by TrainingJob and by ``scaletrain train`` under srun (slurm/train.sbatch)."""
+    if world_size == 1:
+        return None
+    peers = failed_peers(beats, rank, stall_s)
+    if not peers:
+        return None
+    dead = min(peers)
+    return f"rank {dead} died or stopped (no heartbeat for {peers[dead]:.0f} s)"
+
+
+def _requeue_for(cause: str, cfg: Any, run_dir: str, is_main: bool, fields: dict) -> None:
+    """A rank died or stopped: requeue the job (any surviving rank may, rank 0 may be the
+    dead one; the first `scontrol requeue` wins and the job is no longer RUNNING for the
+    others) and record it."""
+    if requeue_this_job(cfg.slurm.max_requeues):
+        append_job_record(run_dir, "requeued", cause=cause, **fields)
+    elif is_main:
+        append_job_record(run_dir, "failed", cause=cause, **fields)
+
+
 class TrainingJob:
     """One training task: place this process in the job, train, requeue when preempted."""
 
@@ -116,7 +149,25 @@ class TrainingJob:
                    "rank %d/%d (local %d) on %s (%s), master %s (%s):%d", dist.rank,
                    dist.world_size, dist.local_rank, node, _address(node), dist.master_addr,
                    _address(dist.master_addr), dist.master_port)
-        outcome = self.entry(cfg, Path(run_dir))
+        # Our torch variables above make the trainer see a torchrun-like environment: name
+        # the job's heartbeat directory for it, as the local launcher does.
+        beats = slurm_heartbeat_dir(run_dir)
+        os.environ[HEARTBEAT_DIR_ENV] = str(beats)
+        # Rank 0 ends a job whose rank stopped beating (core.heartbeat): requeue it first.
+        STALL_ACTIONS.append(lambda rank, age: _requeue_for(
+            f"rank {rank} stopped (no heartbeat for {age:.0f} s)", cfg, run_dir, dist.is_main,
+            fields))
+        try:
+            outcome = self.entry(cfg, Path(run_dir))
+        except Exception as exc:
+            cause = dead_peer(beats, dist.rank, dist.world_size, cfg.train.dist_timeout_s)
+            if cause is None:
+                raise  # this rank's own error, or a peer's ordinary one: a requeue repeats it
+            error = (str(exc).strip().splitlines() or [""])[0][:200]
+            logger.error("rank %d: %s: %s; %s: ending the job for a requeue (exit %d)",
+                         dist.rank, type(exc).__name__, error, cause, EXIT_REQUEUE)
+            _requeue_for(cause, cfg, run_dir, dist.is_main, fields)
+            raise SystemExit(EXIT_REQUEUE) from None
         status = getattr(outcome, "status", outcome)
         if status == "preempted":
             requeued = dist.is_main and requeue_this_job(cfg.slurm.max_requeues)

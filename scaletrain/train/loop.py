@@ -171,13 +171,20 @@ def run_training(cfg, run_dir: str | Path) -> TrainOutcome:
                 dist.destroy_process_group()
 
 
+def slurm_heartbeat_dir(run_dir: str | Path) -> Path:
+    """Where the ranks of this SLURM job start beat: one directory per job and restart, so a
+    requeued run never judges the files its predecessor left behind."""
+    start = f"{os.environ.get('SLURM_JOB_ID', '0')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return heartbeat_dir(run_dir) / start
+
+
 def _heartbeat(cfg, run_dir: Path, env) -> Heartbeat | contextlib.nullcontext:
-    """Beat into the directory the local launcher named; under SLURM (no launcher of ours)
-    into one per job start, which rank 0 watches (see scaletrain.core.heartbeat)."""
+    """Beat into the directory the launcher named (ours, local or SLURM); under srun without
+    it (slurm/train.sbatch) into the job's own, which rank 0 watches (see
+    scaletrain.core.heartbeat)."""
     directory = os.environ.get(HEARTBEAT_DIR_ENV)
     if not directory and env.source == "slurm":
-        start = f"{os.environ.get('SLURM_JOB_ID', '0')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-        directory = str(heartbeat_dir(run_dir) / start)
+        directory = str(slurm_heartbeat_dir(run_dir))
     if not directory:
         return contextlib.nullcontext()
     return Heartbeat(directory, env.rank, env.world_size, cfg.train.dist_timeout_s)

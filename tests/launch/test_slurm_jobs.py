@@ -28,13 +28,16 @@ REPO = Path(__file__).resolve().parents[2]
 # checkpoint every 2 steps gives the preemption test a moment to act while the run is still
 # going.
 STEPS = 14
-TRAIN_YAML = f"""\
+
+
+def train_yaml(steps: int) -> str:
+    return f"""\
 seed: 0
 model: {{arch: toy, in_channels: 4, sample_size: 8, pooled_projection_dim: 16, width: 64}}
 data: {{batch_size: 4, num_workers: 0, synthetic: {{enabled: true}}}}
 diffusion: {{objective: eps, schedule: cosine}}
 train:
-  max_steps: {STEPS}
+  max_steps: {steps}
   lr: 1.0e-3
   warmup_steps: 2
   zero_stage: 2
@@ -44,6 +47,9 @@ ema: {{enabled: true, schedule: power, sigma_rel: 0.1}}
 checkpoint: {{every: 2, keep_last: 50}}
 logging: {{every: 1, wandb_mode: disabled}}
 """
+
+
+TRAIN_YAML = train_yaml(STEPS)
 CPU_TASKS = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "60"]
 JOB_TIMEOUT = 600  # failure detection only; jobs take ~1 min on an idle 2-core machine
 
@@ -70,18 +76,19 @@ def train_config(tmp_path_factory) -> Path:
     return path
 
 
-def submit_training(run_dir: Path, config: Path, *extra: str) -> str:
-    proc = scaletrain("submit", config, "--run-dir", run_dir, *CPU_TASKS, *extra)
+def submit_training(run_dir: Path, config: Path, *extra: str, tasks=tuple(CPU_TASKS)) -> str:
+    proc = scaletrain("submit", config, "--run-dir", run_dir, *tasks, *extra)
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"submitted job (\d+)", proc.stdout)
     assert match, proc.stdout
     return match.group(1)
 
 
-def job_logs(run_dir: Path) -> str:
+def job_logs(run_dir: Path, chars: int = 4000) -> str:
+    """Every task's log (the last ``chars`` characters of each), for assertions and failures."""
     parts = []
     for path in sorted((run_dir / "slurm").glob("*/*_log.*")):
-        parts.append(f"--- {path}\n{path.read_text(errors='replace')[-4000:]}")
+        parts.append(f"--- {path}\n{path.read_text(errors='replace')[-chars:]}")
     return "\n".join(parts)
 
 
@@ -90,10 +97,33 @@ def wait_completed(job_id: str, run_dir: Path) -> None:
     assert state == "COMPLETED", f"job {job_id} ended {state}\n{job_logs(run_dir)}"
 
 
+def wait_for_checkpoint(job_id: str, run_dir: Path) -> None:
+    """Until the job's first complete checkpoint: training is under way."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while find_latest(run_dir) is None:
+        assert live_state(job_id) is not None, f"job ended early\n{job_logs(run_dir)}"
+        assert time.monotonic() < deadline, f"no checkpoint yet\n{job_logs(run_dir)}"
+        time.sleep(0.2)
+
+
 def final_weights(run_dir: Path):
     latest = find_latest(run_dir)
     assert latest is not None, f"no complete checkpoint in {run_dir}\n{job_logs(run_dir)}"
     return latest, consolidate_model(latest), consolidate_ema(latest)
+
+
+def assert_same_final_weights(run_dir: Path, ref_dir: Path) -> None:
+    """The final checkpoints of two runs hold the same weights and EMA, bit for bit."""
+    import torch
+
+    ref_latest, ref_model, ref_ema = final_weights(ref_dir)
+    latest, model, ema = final_weights(run_dir)
+    assert latest.name == ref_latest.name
+    assert model.keys() == ref_model.keys() and ema.keys() == ref_ema.keys()
+    for name in ref_model:
+        assert torch.equal(model[name], ref_model[name]), f"weights differ: {name}"
+    for name in ref_ema:
+        assert torch.equal(ema[name], ref_ema[name]), f"EMA differs: {name}"
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +168,9 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(
         uninterrupted_run, train_config, tmp_path):
     """(b) SIGUSR1 mid-run (what SLURM sends before the time limit): checkpoint, requeue,
     resume; the final weights equal those of the uninterrupted run bit for bit."""
-    import torch
-
     run_dir = tmp_path / "run"
     job_id = submit_training(run_dir, train_config)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while find_latest(run_dir) is None:  # the first checkpoint: training is under way
-        assert live_state(job_id) is not None, f"job ended early\n{job_logs(run_dir)}"
-        assert time.monotonic() < deadline, f"no checkpoint yet\n{job_logs(run_dir)}"
-        time.sleep(0.2)
+    wait_for_checkpoint(job_id, run_dir)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=_env())
     wait_completed(job_id, run_dir)
 
@@ -159,14 +183,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(
     assert "resumed from" in log, log
 
     ref_dir, _, _, _ = uninterrupted_run
-    ref_latest, ref_model, ref_ema = final_weights(ref_dir)
-    latest, model, ema = final_weights(run_dir)
-    assert latest.name == ref_latest.name
-    assert model.keys() == ref_model.keys() and ema.keys() == ref_ema.keys()
-    for name in ref_model:
-        assert torch.equal(model[name], ref_model[name]), f"weights differ: {name}"
-    for name in ref_ema:
-        assert torch.equal(ema[name], ref_ema[name]), f"EMA differs: {name}"
+    assert_same_final_weights(run_dir, ref_dir)
 
 
 def test_preprocessing_job_array_over_four_shards(slurm_cluster, tmp_path):

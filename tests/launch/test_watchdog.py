@@ -135,3 +135,30 @@ def test_groups_without_a_timeout_get_the_configured_one(tmp_path, capfd):
     out = capfd.readouterr().out
     assert "collective failed after" in out, out
     assert status == 0
+
+
+# A rank of a SLURM job whose collective failed asks whether a peer died (its heartbeat
+# file left behind, ageing) or ended with an ordinary error (file removed on the way out).
+PEER = """
+import os, signal, sys
+from scaletrain.core.heartbeat import Heartbeat
+with Heartbeat(sys.argv[1], 1, 2, 2.0, on_stall=lambda r, a: None):
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise ValueError("an ordinary bug")
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "error"])
+def test_failed_peers_tells_a_dead_rank_from_an_ordinary_error(tmp_path, how):
+    from scaletrain.core.heartbeat import failed_peers
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", PEER, str(tmp_path), how], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if how == "kill" else 1), proc.stderr
+    peers = failed_peers(tmp_path, rank=0, stall_s=2.0)  # beats every 0.2 s
+    if how == "kill":
+        assert list(peers) == [1]  # a requeue may help
+    else:
+        assert peers == {}  # the job fails: a requeue would repeat the bug
