@@ -43,11 +43,17 @@ class SlurmConfig:
     job_name: str = "scaletrain"
     # SLURM sends SIGUSR1 this many seconds before the time limit (--signal=USR1@N); the
     # trainer then saves at the next step boundary and the job requeues itself. It must
-    # cover one training step plus one checkpoint save.
-    signal_delay_s: int = 180
+    # cover one training step plus one checkpoint save. A save writes ~18 bytes a parameter
+    # (bf16 weights, fp32 master, Adam moments, EMA) at about the disk's sequential speed
+    # (benchmarks/bench_checkpoint.py): the 8B MMDiT's 145 GB take ~145 s at 1 GB/s, SDXL's
+    # 46 GB ~46 s; 300 s covers the 8B model down to ~0.6 GB/s, SDXL down to ~0.2 GB/s.
+    signal_delay_s: int = 300
     # Aggregate checkpoint write speed of the run directory's file system in MB/s, used only
     # to warn at submit time when signal_delay_s is shorter than one checkpoint save
-    # (model + optimizer + EMA bytes / this). Measure yours; 1000 is a parallel file system.
+    # (model + optimizer + EMA bytes / this). A checkpoint save runs at about the speed of a
+    # sequential `dd ... conv=fdatasync` to the run directory (measured, docs/benchmarks.md),
+    # so measure yours that way (all nodes writing at once); 1000 is a modest parallel file
+    # system.
     checkpoint_write_mb_s: float = 1000.0
     # A job requeues itself at most this many times (SLURM_RESTART_COUNT), so a run that
     # cannot make progress does not loop forever.

@@ -7,6 +7,7 @@ Public API::
     materialize_(model, device="cuda", dtype=torch.bfloat16)   # later, module by module
     model.config                              # the config dataclass
     model.set_gradient_checkpointing(True)
+    model.blocks()                            # the modules regional compilation compiles
     model.set_diagnostics(True); ...; model.pop_diagnostics() -> dict[str, float]
 
 No torch.distributed, deepspeed or wandb here: the engine wraps the model from outside.

@@ -183,6 +183,12 @@ class MMDiT(DiagnosticsMixin, nn.Module):
         self.proj_out = Linear(dim, cfg.patch_size**2 * self.out_channels, zero_init=cfg.adaln_zero)
         self._clear_diagnostics()
 
+    def blocks(self) -> list[nn.Module]:
+        """The units of regional compilation (train.compile: blocks): the joint blocks, each
+        compiled on its own (all but the last share one graph, so compile time is flat in
+        depth)."""
+        return list(self.transformer_blocks)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.gradient_checkpointing = bool(enabled)
 

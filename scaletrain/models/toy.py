@@ -31,6 +31,10 @@ class ToyDenoiser(nn.Module):
         # x_t / sigma(t), which a narrow MLP alone could not represent.
         self.gain = nn.Linear(cfg.width, 1)
 
+    def blocks(self) -> list[nn.Module]:
+        """The units of regional compilation (train.compile: blocks): the hidden layers."""
+        return list(self.hidden)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 pooled_projections: torch.Tensor) -> torch.Tensor:
         dtype = self.inp.weight.dtype

@@ -248,6 +248,12 @@ class UNet2DConditionModel(DiagnosticsMixin, nn.Module):
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self._clear_diagnostics()
 
+    def blocks(self) -> list[nn.Module]:
+        """The units of regional compilation (train.compile: blocks): every ResBlock and every
+        transformer block, each compiled on its own. Repeated blocks of one shape share one
+        compiled graph, so compile time grows with the number of distinct shapes, not depth."""
+        return [m for m in self.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for module in self.modules():
             if isinstance(module, _Level):

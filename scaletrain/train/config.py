@@ -30,6 +30,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size each)
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = True
+    # torch.compile (inductor). "blocks": each transformer block and ResBlock compiled on its
+    # own (regional compilation, as torchtitan): repeated blocks share one graph, so compile
+    # time stays flat in depth. "model": the whole forward as one graph (longer compile, may
+    # fuse across blocks). Turn it on for GPU runs long enough to repay the first step's
+    # compile; ZeRO-1/2 only, with or without gradient checkpointing.
+    compile: Literal["none", "blocks", "model"] = "none"
     # "auto": nccl when CUDA is available, else gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # A non-finite loss or gradient norm skips the update on every rank; this many in a row
@@ -81,6 +87,15 @@ class TrainConfig:
                 f"must be > 0, got {self.max_weight_norm}")
         require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1, "loss_spike_factor",
                 f"must be 0 (off) or > 1, got {self.loss_spike_factor}")
+        # ZeRO-3 gathers each module's parameters in hooks around every submodule's forward;
+        # dynamo traces into them and recompiles per module id until it gives up (measured:
+        # the tiny MMDiT hit the recompile limit in 4 DeepSpeed hooks, slower than eager).
+        require(
+            self.compile == "none" or self.zero_stage != 3,
+            "compile",
+            f"{self.compile!r} does not work with zero_stage 3 (ZeRO-3's parameter-gather "
+            "hooks break the compiled graphs); use zero_stage 1 or 2, or compile: none",
+        )
         # DeepSpeed's plain (ZeRO-0, fp32) path applies a step with non-finite gradients;
         # every other path skips it on all ranks, which the fault handling relies on.
         require(

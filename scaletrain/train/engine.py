@@ -82,6 +82,23 @@ def build_optimizer(cfg: TrainConfig, params, fused: bool) -> torch.optim.AdamW:
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def compile_model_(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Apply train.compile in place: ``blocks`` compiles each of ``model.blocks()`` on its own,
+    ``model`` the whole forward. ``nn.Module.compile`` keeps every module and parameter name
+    (no ``_orig_mod.`` wrapper), so checkpoints, EMA and exports are unchanged, and DeepSpeed
+    still wraps the same module tree."""
+    if mode == "none":
+        return model
+    if mode == "model":
+        model.compile()
+        return model
+    blocks = model.blocks()
+    for block in blocks:
+        block.compile()
+    log.info("train.compile=blocks: %d blocks compiled on their own", len(blocks))
+    return model
+
+
 def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, micro_batch: int, world_size: int,
                  seed: int, device: torch.device):
     """Build the model (partitioned under ZeRO-3) and wrap it in a DeepSpeed engine."""
@@ -109,6 +126,7 @@ def build_engine(cfg: TrainConfig, model_cfg: ModelConfig, micro_batch: int, wor
     log.info("training %d of %d parameters%s", sum(n for n, train in sizes if train),
              sum(n for n, _ in sizes),
              f" (model.trainable={model_cfg.trainable!r})" if model_cfg.trainable else "")
+    compile_model_(model, cfg.compile)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad],
                                 fused=use_fused_adam(device))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

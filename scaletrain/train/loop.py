@@ -267,6 +267,7 @@ class Trainer:
                                        metrics_logger=self.metrics,
                                        latent_scaling=(info.scaling_factor, info.shift_factor))
         self.evaluation = self._evaluation() if cfg.eval.every > 0 else None
+        self.batches: Iterator[dict[str, Any]] | None = None  # iter(self.loader), at step 1
 
     def _evaluation(self) -> TrainingEvaluation | None:
         if self.cfg.data.synthetic.enabled:
@@ -305,46 +306,14 @@ class Trainer:
         log.info("training: world %d, ZeRO-%d, bf16=%s, global batch %d, steps %d -> %d",
                  self.world, train.zero_stage, train.bf16, self.global_batch, state.step,
                  train.max_steps)
-        batches = iter(self.loader)
         first_step, first_samples, started = state.step, state.samples_seen, time.perf_counter()
         status: Literal["completed", "preempted"] = "completed"
+        if self.batches is None:  # started here, so the first step's time holds no set-up
+            self.batches = iter(self.loader)
         self.throughput.start()
         try:
             while state.step < train.max_steps:
-                lr = lr_at(self.lr_cfg, state.step)
-                set_lr(self.engine, lr)
-                collect = self.diagnostics.should_collect(state.step + 1)
-                set_model_diagnostics(self.engine.module, collect)
-                seeds = [step_seed(self.cfg.seed, self.rank, state.samples_seen, micro)
-                         for micro in range(train.grad_accum)]
-                result = train_step(self.engine, self.objective, self.model_fn, batches,
-                                    self.loss_by_t, seeds, self.device,
-                                    self.throughput.waiting_for_data)
-                preempted = self._finish_step(result)
-                if self.ema is not None and not self.last_skipped:
-                    self.ema.update(state.samples_seen, self.global_batch)
-                diagnostics = pop_model_diagnostics(self.engine.module) if collect else {}
-                last = state.step == train.max_steps
-                if state.step % self.cfg.logging.every == 0 or last or collect:
-                    self._log(lr, diagnostics_metrics(diagnostics))
-                if self.validator is not None and self.validator.should_run(state.step):
-                    self._validate()
-                if self.evaluation is not None:
-                    self.evaluation.maybe_run(state.step, state.samples_seen)
-                stop = preempted and not last  # preempted at the very end: just finish
-                if state.step % self.cfg.checkpoint.every == 0 or last or stop:
-                    if self.applied_in_window:  # a spike since the last log counts too
-                        self._read_loss_window(reset=False)
-                    wrecked = self._weights_wrecked()
-                    healthy = wrecked is None and not self.spiked
-                    self.checkpoints.save(healthy=healthy)
-                    self.spiked = False
-                    if wrecked is not None:
-                        raise NonFiniteTrainingError(
-                            f"step {state.step}: {wrecked} (train.max_weight_norm="
-                            f"{train.max_weight_norm:g}): an update wrecked the weights; "
-                            f"stopping. {kept_checkpoint_note(self.run_dir)}")
-                if stop:
+                if self.step():
                     status = "preempted"
                     log.warning("preempted: checkpoint saved at step %d", state.step)
                     break
@@ -359,6 +328,47 @@ class Trainer:
                             seconds=time.perf_counter() - started,
                             skipped_steps=state.skipped_steps,
                             last_grid=str(last_grid[-1]) if last_grid else None)
+
+    def step(self) -> bool:
+        """One optimizer step and everything around it (LR, EMA, metrics, validation, eval,
+        checkpoint); returns whether to stop for a preemption (its checkpoint is saved)."""
+        train, state = self.cfg.train, self.state
+        lr = lr_at(self.lr_cfg, state.step)
+        set_lr(self.engine, lr)
+        collect = self.diagnostics.should_collect(state.step + 1)
+        set_model_diagnostics(self.engine.module, collect)
+        seeds = [step_seed(self.cfg.seed, self.rank, state.samples_seen, micro)
+                 for micro in range(train.grad_accum)]
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        result = train_step(self.engine, self.objective, self.model_fn, self.batches,
+                            self.loss_by_t, seeds, self.device,
+                            self.throughput.waiting_for_data)
+        preempted = self._finish_step(result)
+        if self.ema is not None and not self.last_skipped:
+            self.ema.update(state.samples_seen, self.global_batch)
+        diagnostics = pop_model_diagnostics(self.engine.module) if collect else {}
+        last = state.step == train.max_steps
+        if state.step % self.cfg.logging.every == 0 or last or collect:
+            self._log(lr, diagnostics_metrics(diagnostics))
+        if self.validator is not None and self.validator.should_run(state.step):
+            self._validate()
+        if self.evaluation is not None:
+            self.evaluation.maybe_run(state.step, state.samples_seen)
+        stop = preempted and not last  # preempted at the very end: just finish
+        if state.step % self.cfg.checkpoint.every == 0 or last or stop:
+            if self.applied_in_window:  # a spike since the last log counts too
+                self._read_loss_window(reset=False)
+            wrecked = self._weights_wrecked()
+            healthy = wrecked is None and not self.spiked
+            self.checkpoints.save(healthy=healthy)
+            self.spiked = False
+            if wrecked is not None:
+                raise NonFiniteTrainingError(
+                    f"step {state.step}: {wrecked} (train.max_weight_norm="
+                    f"{train.max_weight_norm:g}): an update wrecked the weights; "
+                    f"stopping. {kept_checkpoint_note(self.run_dir)}")
+        return stop
 
     def _finish_step(self, result: StepResult) -> bool:
         """Whether the step was skipped, whether to stop for preemption; count the step.

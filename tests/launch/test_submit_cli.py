@@ -70,12 +70,12 @@ def test_dry_run_training_prints_parameters_and_config_and_submits_nothing(
     assert params["exclusive"] is True
     assert params["partition"] == "from_yaml" and params["account"] == "proj"
     assert (params["qos"], params["constraint"], params["cpus_per_task"]) == ("high", "h100", 12)
-    assert params["signal"] == "USR1@180"  # the trainer's preemption signal
+    assert params["signal"] == "USR1@300"  # the trainer's preemption signal
     assert params["requeue"] is True
     assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in params["setup"]
     # The sbatch script preview carries the same options.
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --mem=0",
-                 "#SBATCH --signal=USR1@180", "#SBATCH --requeue", "#SBATCH --time=2880"):
+                 "#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --time=2880"):
         assert f"#   {line}\n" in text
     # The resolved config shows flags and overrides applied.
     assert cfg["seed"] == 3 and cfg["train"]["lr"] == pytest.approx(3e-4)

@@ -22,18 +22,19 @@ from scaletrain.data.shard_format import (
 CHANNELS, SIDE, TEXT_DIM = 12, 16, 64  # the tiny presets: 12-channel latents, 64-dim text
 
 
-def write_shards(root, num_shards=2, per_shard=12, seed=0):
-    """Latent shards in the documented layout (shard_format), one 128x128 bucket."""
+def write_shards(root, num_shards=2, per_shard=12, seed=0, side=SIDE):
+    """Latent shards in the documented layout (shard_format), one bucket of side x side
+    latents (images 8 x side; 128x128 by default)."""
     root.mkdir(parents=True)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    h = w = SIDE * 8
+    h = w = side * 8
     shards = []
     for s in range(num_shards):
         name = f"{s:06d}.tar"
         with wds.TarWriter(str(root / name)) as sink:
             for i in range(per_shard):
                 key = f"s{s}-{i:03d}"
-                mean = torch.randn(CHANNELS, SIDE, SIDE, generator=gen)
+                mean = torch.randn(CHANNELS, side, side, generator=gen)
                 length = rng.randint(3, 8)
                 text = {"hidden_states": torch.randn(length, TEXT_DIM, generator=gen),
                         "pooled": torch.randn(TEXT_DIM, generator=gen)}

@@ -107,9 +107,19 @@ def _wait_for(predicate, timeout, proc=None):
     return False
 
 
-def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path):
+@pytest.mark.parametrize("compile_mode", ["none", "blocks"])
+def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path, compile_mode):
+    """Also with train.compile=blocks: the resumed processes compile again, to the same
+    kernels, and go on exactly as an uninterrupted compiled run (their own reference:
+    compiled and eager kernels may round differently)."""
     run_dir = tmp_path / "run"
-    overrides = ["train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=100"]
+    overrides = ["train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=100",
+                 f"train.compile={compile_mode}"]
+    reference = zero2_reference_run
+    if compile_mode != "none":
+        reference = tmp_path / "reference"
+        proc = run_train(reference, overrides)
+        assert proc.returncode == 0, explain(proc)
     proc = start_train(run_dir, overrides, log_path=tmp_path / "killed.log")
     try:
         reached = _wait_for(lambda: ck.is_complete(_step_dir(run_dir, 3)), 420, proc)
@@ -125,8 +135,8 @@ def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path):
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stderr
 
-    ref, out = _step_dir(zero2_reference_run, 8), _step_dir(run_dir, 8)
-    assert _state(run_dir, 8)["samples_seen"] == _state(zero2_reference_run, 8)["samples_seen"]
+    ref, out = _step_dir(reference, 8), _step_dir(run_dir, 8)
+    assert _state(run_dir, 8)["samples_seen"] == _state(reference, 8)["samples_seen"]
     for consolidate in (consolidate_model, consolidate_ema):
         a, b = consolidate(ref), consolidate(out)
         assert set(a) == set(b)
