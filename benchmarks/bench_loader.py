@@ -76,13 +76,16 @@ from scaletrain.data.storage import StorageConfig  # noqa: E402
 BATCH = 8
 
 
-def write_shards(root: Path, samples: int, shards: int, resolution: int, seed: int = 0
-                 ) -> list[Path]:
+def write_shards(root: Path, samples: int, shards: int, resolution: int, seed: int = 0, *,
+                 channels: int = 4, factor: int = 8, text_dim: int = 2048,
+                 pooled_dim: int = 1280) -> list[Path]:
+    """Latent shards of ``samples`` random samples at ``resolution`` px, SDXL-shaped by
+    default (4 x R/8 x R/8 latents, CLIP 77 x 2048 and 1280, bf16)."""
     import webdataset as wds
 
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    h = w = resolution // 8
+    h = w = resolution // factor
     per = samples // shards
     entries, paths = [], []
     for s in range(shards):
@@ -90,12 +93,12 @@ def write_shards(root: Path, samples: int, shards: int, resolution: int, seed: i
         with wds.TarWriter(str(root / name)) as sink:
             for i in range(per):
                 latent = {
-                    "mean": (4 * torch.randn(4, h, w, generator=gen)).bfloat16(),
-                    "std": (0.05 * torch.rand(4, h, w, generator=gen)).bfloat16(),
+                    "mean": (4 * torch.randn(channels, h, w, generator=gen)).bfloat16(),
+                    "std": (0.05 * torch.rand(channels, h, w, generator=gen)).bfloat16(),
                 }
                 text = {
-                    "hidden_states": torch.randn(77, 2048, generator=gen).bfloat16(),
-                    "pooled": torch.randn(1280, generator=gen).bfloat16(),
+                    "hidden_states": torch.randn(77, text_dim, generator=gen).bfloat16(),
+                    "pooled": torch.randn(pooled_dim, generator=gen).bfloat16(),
                 }
                 meta = {
                     "caption": "a synthetic sample",

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_loader import write_shards  # noqa: E402
 from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
 from scaletrain.config import RootConfig  # noqa: E402
 from scaletrain.core.config_base import apply_overrides, from_dict, load_yaml  # noqa: E402
@@ -52,7 +53,6 @@ from scaletrain.models import build_model  # noqa: E402
 from scaletrain.train.engine import build_optimizer, init_distributed  # noqa: E402
 from scaletrain.train.loop import Trainer  # noqa: E402
 from scaletrain.train.signals import PreemptionFlag  # noqa: E402
-from tests.support.latent_shards import write_shards  # noqa: E402
 
 DEMO = REPO / "configs" / "train" / "demo.yaml"
 TINY_MMDIT = REPO / "configs" / "models" / "tiny_mmdit.yaml"
@@ -241,7 +241,9 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = write_shards(tmp / "shards", num_shards=4, per_shard=32, side=LATENT_SIDE)
+        shards = tmp / "shards"  # the demo's data: 64x64 px, 12 x 32 x 32 latents, 64-dim text
+        write_shards(shards, 128, 4, 2 * LATENT_SIDE, channels=12, factor=2, text_dim=64,
+                     pooled_dim=64)
         for model in args.models:
             res = bench(model, shards, tmp, args.rounds, args.steps, args.warmup)
             m = res["median"]
