@@ -195,9 +195,13 @@ def _model_config(export_dir: Path):
     return model_config_from_dict(read_metadata(export_dir)["model"])
 
 
-def test_sampling_conditions_on_exactly_what_training_read_from_the_shards(runs, latents):
+def test_sampling_conditions_on_what_training_read_from_the_shards(runs, latents):
     """The sampler's prompt encoding, rebuilt from the export's record of the encoders, is
-    bit-identical to the text tensors the preprocessing stored and the loader padded."""
+    the text the preprocessing stored and the loader padded: same layout and padding, same
+    values up to float rounding. Not bit for bit: preprocessing encodes captions in batches
+    for throughput, the sampler one prompt at a time (so that an image never depends on the
+    prompts beside it), and a batched GEMM may round a row differently (CPU BLAS picks its
+    kernel by batch size). A wrong token, padding or encoder is off by O(1), not 1e-6."""
     import tarfile
 
     from safetensors.torch import load
@@ -220,7 +224,9 @@ def test_sampling_conditions_on_exactly_what_training_read_from_the_shards(runs,
     cond = conditioner.cond(captions, 64, 64)
     for i, ref in enumerate(stored):
         for key in ("encoder_hidden_states", "pooled"):
-            assert torch.equal(cond[key][i], ref[key]), (captions[i], key)
+            assert cond[key][i].shape == ref[key].shape, (captions[i], key)
+            torch.testing.assert_close(cond[key][i], ref[key], rtol=1e-5, atol=1e-6,
+                                       msg=f"{captions[i]!r}, {key}")
     metas = [json.loads(s["json"]) for s in samples.values()]
     assert cond["time_ids"].tolist() == [
         [*m["original_size"], *m["crop_top_left"], *m["target_size"]] for m in metas]

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,8 +352,27 @@ def test_second_training_on_a_run_dir_refuses_and_orphans_die_with_their_launche
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(first.pid, signal.SIGKILL)
-    with ck.run_lock(tmp_path):  # the lock went with its holder
-        pass
+    # The lock went with its holder. Released by the kernel as the last process holding the
+    # lock file's descriptor exits, which under load can lag the ranks' own exit by a moment.
+    def lock_free():
+        try:
+            with ck.run_lock(tmp_path):
+                return True
+        except ck.RunDirBusy:
+            return False
+
+    assert _wait_for(lock_free, 60), f"still locked; open by: {_holders(tmp_path / '.lock')}"
+
+
+def _holders(path):
+    """The processes with ``path`` open (a scan of /proc/*/fd), for a failure message."""
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                pid = fd_dir.parent.name
+                found.append(f"{pid} ({Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r})")
+    return found or "none"
 
 
 def _proc_state(pid):
