@@ -103,12 +103,8 @@ def main(args: argparse.Namespace) -> int:
         # Under srun (slurm/train.sbatch): a peer that died makes this a retryable failure;
         # 75 tells the script to requeue the job (scaletrain.launch.jobs.dead_peer).
         if env.source == "slurm" and not os.environ.get(HEARTBEAT_DIR_ENV):
-            cause = dead_peer(slurm_heartbeat_dir(args.run_dir), rank, env.world_size,
-                              cfg.train.dist_timeout_s)
-            if cause is not None:
-                log.error("rank %d: %s: %s; %s: ending the job for a requeue (exit %d)", rank,
-                          type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200],
-                          cause, EXIT_REQUEUE)
+            if dead_peer(exc, slurm_heartbeat_dir(args.run_dir), rank, env.world_size,
+                         cfg.train.dist_timeout_s) is not None:
                 return EXIT_REQUEUE
         if rank != 0 or not log_file.is_file():
             raise

@@ -101,10 +101,12 @@ def requeue_this_job(max_requeues: int) -> bool:
     return True
 
 
-def dead_peer(beats: Path, rank: int, world_size: int, stall_s: float) -> str | None:
-    """Why this rank's training failed, when the cause is a peer that died or stopped (its
-    heartbeat file in ``beats`` left behind, no longer touched): "rank R died or stopped
-    (...)". None when every peer ended normally or still beats: an ordinary error then.
+def dead_peer(exc: BaseException, beats: Path, rank: int, world_size: int,
+              stall_s: float) -> str | None:
+    """Why this rank's training failed with ``exc``, when the cause is a peer that died or
+    stopped (its heartbeat file in ``beats`` left behind, no longer touched): "rank R died
+    or stopped (...)", said in one log line with the error, before the job ends for a
+    requeue. None when every peer ended normally or still beats: an ordinary error then.
     Used by TrainingJob and by ``scaletrain train`` under srun (slurm/train.sbatch)."""
     if world_size == 1:
         return None
@@ -112,7 +114,11 @@ def dead_peer(beats: Path, rank: int, world_size: int, stall_s: float) -> str | 
     if not peers:
         return None
     dead = min(peers)
-    return f"rank {dead} died or stopped (no heartbeat for {peers[dead]:.0f} s)"
+    cause = f"rank {dead} died or stopped (no heartbeat for {peers[dead]:.0f} s)"
+    error = (str(exc).strip().splitlines() or [""])[0][:200]
+    logger.error("rank %d: %s: %s; %s: ending the job for a requeue (exit %d)", rank,
+                 type(exc).__name__, error, cause, EXIT_REQUEUE)
+    return cause
 
 
 def _requeue_for(cause: str, cfg: Any, run_dir: str, is_main: bool, fields: dict) -> None:
@@ -160,12 +166,10 @@ class TrainingJob:
         try:
             outcome = self.entry(cfg, Path(run_dir))
         except Exception as exc:
-            cause = dead_peer(beats, dist.rank, dist.world_size, cfg.train.dist_timeout_s)
+            cause = dead_peer(exc, beats, dist.rank, dist.world_size,
+                              cfg.train.dist_timeout_s)
             if cause is None:
                 raise  # this rank's own error, or a peer's ordinary one: a requeue repeats it
-            error = (str(exc).strip().splitlines() or [""])[0][:200]
-            logger.error("rank %d: %s: %s; %s: ending the job for a requeue (exit %d)",
-                         dist.rank, type(exc).__name__, error, cause, EXIT_REQUEUE)
             _requeue_for(cause, cfg, run_dir, dist.is_main, fields)
             raise SystemExit(EXIT_REQUEUE) from None
         status = getattr(outcome, "status", outcome)
