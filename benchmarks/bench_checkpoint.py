@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
+from benchmarks.report import git_revision, machine_description, publish  # noqa: E402
 from scaletrain.config import load_config  # noqa: E402
 from scaletrain.core.dist_env import free_port  # noqa: E402
 
@@ -191,9 +191,7 @@ def main() -> int:
             f"{r['save']:.2f} | {r['dd_write']:.2f} | **{100 * r['save'] / r['dd_write']:.0f}%** | "
             f"{r['load_s']:.1f} | {r['load']:.2f} | {r['dd_read']:.2f} |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("checkpoint", text)
+    publish("checkpoint", text, write=not args.no_write)
     return 0
 
 

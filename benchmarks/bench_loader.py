@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
+from benchmarks.report import git_revision, machine_description, publish  # noqa: E402
 from scaletrain.core.dist_env import free_port  # noqa: E402
 from scaletrain.core.files import atomic_write_json  # noqa: E402
 from scaletrain.data.loader import DataConfig, build_train_loader  # noqa: E402
@@ -450,9 +450,7 @@ def main_checks(args, argv) -> int:
         *[f"- {s['resolution']} px: the checks keep **{100 * s['checks_vs_before']:.0f}%** of "
           "the loader's rate." for s in summaries],
     ])
-    print(markdown)
-    if not args.no_write:
-        write_section("loader_checks", markdown)
+    publish("loader_checks", markdown, write=not args.no_write)
     return 0
 
 
@@ -530,9 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             "times; a page-cache read is a memory copy, which no Python tar pipeline reaches.",
         ]
     )
-    print(markdown)
-    if not args.no_write:
-        write_section("loader", markdown)
+    publish("loader", markdown, write=not args.no_write)
     return 0
 
 

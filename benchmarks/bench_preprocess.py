@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.report import machine_description, write_section
+from benchmarks.report import machine_description, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "**not measured** (no GPU was lent to this task).",
     ]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("preprocess", text)
+    publish("preprocess", text, write=not args.no_write)
     return 0
 
 

@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_loader import write_shards  # noqa: E402
-from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
+from benchmarks.report import git_revision, machine_description, publish  # noqa: E402
 from scaletrain.config import RootConfig  # noqa: E402
 from scaletrain.core.config_base import apply_overrides, from_dict, load_yaml  # noqa: E402
 from scaletrain.core.dist_env import dist_env_from_environ  # noqa: E402
@@ -253,9 +253,7 @@ def main() -> int:
                   f"{1e3 * m['log']:.2f} ms", flush=True)
             results.append(res)
     text = render(results, args, machine_description())
-    print(text)
-    if not args.no_write:
-        write_section("step", text)
+    publish("step", text, write=not args.no_write)
     return 0
 
 

@@ -47,6 +47,14 @@ def git_revision() -> str:
         return "unknown"
 
 
+def publish(name: str, markdown: str, write: bool = True) -> None:
+    """Print a benchmark's section, and write it into docs/benchmarks.md unless ``write`` is
+    false (the scripts' ``--no-write``)."""
+    print(markdown)
+    if write:
+        write_section(name, markdown)
+
+
 def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
     """Replace (or append) the section ``name`` of the benchmarks document."""
     doc.parent.mkdir(parents=True, exist_ok=True)

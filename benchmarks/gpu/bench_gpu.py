@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.report import git_revision, machine_description, write_section  # noqa: E402
+from benchmarks.report import git_revision, machine_description, publish  # noqa: E402
 from scaletrain.config import load_config  # noqa: E402
 from scaletrain.models.info import model_info  # noqa: E402
 from scaletrain.models.inputs import example_inputs  # noqa: E402
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         {"machine": machine, "git": git_revision(), "peak_tflops": peak, "steps": rows,
          "vae": vae}, indent=1))
     (args.out / "gpu_bench.md").write_text(text + "\n")
-    print(text)
-    if not args.no_write:
-        write_section("gpu", text)
+    publish("gpu", text, write=not args.no_write)
     return 0
 
 
