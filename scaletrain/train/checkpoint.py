@@ -61,7 +61,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -230,22 +230,28 @@ def to_host(item: Any) -> Any:
 
 
 class StagingEngine(CheckpointEngine):
-    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call: records each
-    (state dict, path) DeepSpeed would write instead of writing it, copied to host memory when
-    ``copy`` (an asynchronous save), as is (a synchronous one writes them at once).
-    ``writes`` are written later by the engine it replaced (its serialization settings)."""
+    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call. With
+    ``copy`` (an asynchronous save) it records each (state dict, path) DeepSpeed would
+    write, copied to host memory, to be written later by the engine it replaced (its
+    serialization settings); without, it writes through at once, as that engine would (no
+    state dict outlives its file: a synchronous save's peak memory is unchanged)."""
 
     def __init__(self, inner: CheckpointEngine, copy: bool) -> None:
         super().__init__()
         self.name = "StagingEngine"
         self.inner, self.copy = inner, copy
-        self.writes: list[tuple[Any, str]] = []
+        self.staged = Staged()
 
     def create(self, info) -> None:
         pass
 
     def save(self, state_dict, path: str) -> None:
-        self.writes.append((to_host(state_dict) if self.copy else state_dict, path))
+        if self.copy:
+            self.staged.later(Path(path), functools.partial(self.inner.save,
+                                                            to_host(state_dict), path))
+        else:
+            self.inner.save(state_dict, path)
+            self.staged.done(Path(path))
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location=map_location)
@@ -261,17 +267,28 @@ class StagingEngine(CheckpointEngine):
 
 @dataclass
 class Staged:
-    """One rank's part of a checkpoint, ready to write: ``(write, path)`` pairs."""
+    """One rank's part of a checkpoint: the files written, and those still to write (an
+    asynchronous save's host copies, as ``(path, write)``)."""
 
-    tmp: Path
-    step: int
-    writes: list[tuple[Callable[[], None], Path]]
+    written: list[Path] = field(default_factory=list)
+    pending: list[tuple[Path, Callable[[], None]]] = field(default_factory=list)
+    tmp: Path | None = None
+    step: int = -1
+
+    def done(self, path: Path) -> None:
+        self.written.append(path)
+
+    def later(self, path: Path, write: Callable[[], None]) -> None:
+        self.pending.append((path, write))
 
     def write(self) -> list[str]:
-        """Write every file; return their paths relative to ``tmp``."""
-        for write, _ in self.writes:
+        """Write what is pending (and drop its host copy); every file's path relative to
+        ``tmp``."""
+        while self.pending:
+            path, write = self.pending.pop(0)
             write()
-        return [os.path.relpath(path, self.tmp) for _, path in self.writes]
+            self.written.append(path)
+        return [os.path.relpath(path, self.tmp) for path in self.written]
 
 
 class _Background:
@@ -417,22 +434,25 @@ class CheckpointManager:
             )
         finally:
             self.engine.checkpoint_engine = staging.inner
-        writes: list[tuple[Callable[[], None], Path]] = [
-            (functools.partial(staging.inner.save, sd, path), Path(path))
-            for sd, path in staging.writes]
-        for kind, obj in self.per_rank.items():
-            state_dict = obj.state_dict()
+        staged = staging.staged
+        staged.tmp, staged.step = tmp, self.train_state.step
+
+        def put(path: Path, write: Callable[..., None], payload: Any) -> None:
             if self.cfg.async_save:
-                state_dict = to_host(state_dict)
-            path = tmp / rank_file(kind, self.rank)
-            writes.append((functools.partial(torch.save, state_dict, path), path))
+                staged.later(path, functools.partial(write, to_host(payload), path))
+            else:
+                write(payload, path)
+                staged.done(path)
+
+        for kind, obj in self.per_rank.items():
+            put(tmp / rank_file(kind, self.rank), torch.save, obj.state_dict())
         if self.rank == 0:
             state = {**asdict(self.train_state), "world_size": self.world_size,
                      "zero_stage": self.zero_stage, "healthy": healthy, **self.run_info()}
             for path, text in ((tmp / "config.yaml", self.config_yaml),
                                (tmp / STATE, json.dumps(state, indent=1, sort_keys=True))):
-                writes.append((functools.partial(atomic_write, path, text), path))
-        return Staged(tmp, self.train_state.step, writes)
+                put(path, lambda text, path: atomic_write(path, text), text)
+        return staged
 
     def _abandon(self, tmp: Path, error: BaseException | None, first: str) -> None:
         """Remove a partial checkpoint (rank 0) and raise one error on every rank."""
@@ -478,9 +498,7 @@ class CheckpointManager:
         hashes: dict[str, Any] = {}
         error = None
         try:
-            staged = self._stage(tmp, healthy)
-            if not self.cfg.async_save:
-                staged.write()
+            staged = self._stage(tmp, healthy)  # written already unless async_save
         except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
             log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
             error = exc
@@ -535,7 +553,7 @@ class CheckpointManager:
             except Exception as exc:  # noqa: BLE001  (raised by wait() on every rank)
                 log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
                 job.error, result = exc, {"error": repr(exc)}
-            staged.writes.clear()  # the host copy is no longer needed
+            staged.pending.clear()  # the host copy is no longer needed (after a failure)
             atomic_write_json(staged.tmp / PARTS / f"rank_{self.rank:05d}.json", result)
         except Exception as exc:  # noqa: BLE001
             job.error = job.error or exc

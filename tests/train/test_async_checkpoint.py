@@ -85,7 +85,7 @@ def _in_flight_worker(rank: int, run_dir: str, port: int) -> None:
     module1, master1 = snapshot()
     assert not all(torch.equal(module0[k], module1[k]) for k in module0), "step changed nothing"
     assert not all(torch.equal(a, b) for a, b in zip(master0, master1))
-    staged = dict((os.path.basename(path), sd) for sd, path in staging.writes)
+    staged = {os.path.basename(path): write.args[0] for path, write in staging.staged.pending}
     optim = next(sd for name, sd in staged.items() if name.endswith("optim_states.pt"))
     got = optim["optimizer_state_dict"]["single_partition_of_fp32_groups"]
     assert all(torch.equal(a, b) for a, b in zip(got, master0)), "staged master weights moved"
