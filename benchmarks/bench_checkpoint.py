@@ -15,6 +15,11 @@ dropped from the page cache (posix_fadvise DONTNEED after fsync), so the load re
 The reference: ``dd if=/dev/zero bs=16M conv=fdatasync`` of the same number of bytes in the
 same directory (sequential write, flushed), and ``dd iflag=direct`` reading it back. Every
 figure is GB/s = checkpoint bytes / seconds (1 GB = 1e9 bytes).
+
+The asynchronous save (``checkpoint.async_save=true``) is timed too, on the same engine: the
+training stall (how long ``save()`` blocks the loop: the copy of every tensor to host memory)
+and the time until its COMPLETE marker (``save()`` plus ``wait()`` with no training between,
+so the background write has both cores).
 """
 
 from __future__ import annotations
@@ -86,12 +91,15 @@ def worker(rank: int, stage: int, run_dir: str, port: int, repeats: int, out: di
     ema.update(WORLD, WORLD)
     state = TrainState(step=1, samples_seen=WORLD)
 
-    manager = CheckpointManager(
-        CheckpointConfig(every=1, keep_last=1), run_dir, rank=rank, world_size=WORLD,
-        zero_stage=stage, engine=engine, train_state=state,
-        per_rank={"ema": PerRank(ema.state_dict, ema.load_state_dict, ema.load_shards)},
-        run_info=lambda: {}, config_yaml="")
-    saves, loads = [], []
+    def manager_for(async_save: bool) -> CheckpointManager:
+        return CheckpointManager(
+            CheckpointConfig(every=1, keep_last=1, async_save=async_save), run_dir, rank=rank,
+            world_size=WORLD, zero_stage=stage, engine=engine, train_state=state,
+            per_rank={"ema": PerRank(ema.state_dict, ema.load_state_dict, ema.load_shards)},
+            run_info=lambda: {}, config_yaml="")
+
+    manager, async_manager = manager_for(False), manager_for(True)
+    saves, loads, stalls, completes = [], [], [], []
     for i in range(repeats):
         state.step = i + 1
         dist.barrier()
@@ -104,8 +112,16 @@ def worker(rank: int, stage: int, run_dir: str, port: int, repeats: int, out: di
         start = time.perf_counter()
         manager.restore()
         loads.append(time.perf_counter() - start)
+        state.step = repeats + i + 1
+        dist.barrier()
+        start = time.perf_counter()
+        async_manager.save()
+        stalls.append(time.perf_counter() - start)
+        async_manager.wait()
+        completes.append(time.perf_counter() - start)
     if rank == 0:
-        out.update(saves=saves, loads=loads, bytes=checkpoint_bytes(ckpt),
+        out.update(saves=saves, loads=loads, stalls=stalls, completes=completes,
+                   bytes=checkpoint_bytes(ckpt),
                    params=sum(getattr(p, "ds_numel", p.numel())
                               for p in engine.module.parameters()))
     dist.barrier()
@@ -159,13 +175,16 @@ def main() -> int:
         gb = res["bytes"] / 1e9
         row = {"stage": stage, "params": res["params"], "gb": gb,
                "save_s": statistics.median(res["saves"]), "load_s": statistics.median(res["loads"]),
-               "dd_write": statistics.median(dd_write), "dd_read": statistics.median(dd_read)}
+               "dd_write": statistics.median(dd_write), "dd_read": statistics.median(dd_read),
+               "stall_s": statistics.median(res["stalls"]),
+               "complete_s": statistics.median(res["completes"])}
         row["save"] = gb / row["save_s"]
         row["load"] = gb / row["load_s"]
         print(f"ZeRO-{stage}: {row['params'] / 1e6:.0f}M params, {gb:.2f} GB; save "
               f"{row['save_s']:.1f} s = {row['save']:.2f} GB/s (dd {row['dd_write']:.2f}); load "
-              f"{row['load_s']:.1f} s = {row['load']:.2f} GB/s (dd read {row['dd_read']:.2f})",
-              flush=True)
+              f"{row['load_s']:.1f} s = {row['load']:.2f} GB/s (dd read {row['dd_read']:.2f}); "
+              f"async save: stall {row['stall_s']:.2f} s, COMPLETE after "
+              f"{row['complete_s']:.1f} s", flush=True)
         rows.append(row)
     lines = [
         "## Checkpoint save and load (benchmarks/bench_checkpoint.py)",
@@ -179,17 +198,22 @@ def main() -> int:
         f"{args.repeats} saves and loads. Save includes fsync and sha256 of every file, the "
         "manifest and the COMPLETE marker; load includes verifying the hashes and reads a "
         "cold page cache. `dd`: the same bytes written sequentially (`conv=fdatasync`) and "
-        "read back with O_DIRECT in the same directory.",
+        "read back with O_DIRECT in the same directory. Async (`checkpoint.async_save=true`): "
+        "stall = how long `save()` blocks the training loop (every tensor copied to host "
+        "memory), COMPLETE = until its marker is written (`save()` + `wait()`, no training "
+        "in between).",
         "",
         "| ZeRO | params | checkpoint GB | save s | save GB/s | dd write GB/s | save / dd | "
-        "load s | load GB/s | dd read GB/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "load s | load GB/s | dd read GB/s | async stall s | stall / save | async COMPLETE s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['params'] / 1e6:.0f}M | {r['gb']:.2f} | {r['save_s']:.1f} | "
             f"{r['save']:.2f} | {r['dd_write']:.2f} | **{100 * r['save'] / r['dd_write']:.0f}%** | "
-            f"{r['load_s']:.1f} | {r['load']:.2f} | {r['dd_read']:.2f} |")
+            f"{r['load_s']:.1f} | {r['load']:.2f} | {r['dd_read']:.2f} | {r['stall_s']:.2f} | "
+            f"{100 * r['stall_s'] / r['save_s']:.0f}% | {r['complete_s']:.1f} |")
     text = "\n".join(lines)
     publish("checkpoint", text, write=not args.no_write)
     return 0

@@ -20,6 +20,22 @@ directory, writes the marker, renames the directory and fsyncs its parent, then 
 its marker (a crash mid-write) is never loaded; after a power loss a directory with its
 marker has all its bytes. Only the newest ``keep_last`` complete checkpoints are kept.
 
+With ``checkpoint.async_save`` the same files are written in the background (torchtitan's
+asynchronous mode is the model): ``save`` copies every tensor of this rank's checkpoint to
+host memory (DeepSpeed's files through :class:`StagingEngine`, the per-rank objects' state
+dicts, state.json and config.yaml) and returns; that copy is the training stall. A thread
+per rank then writes, fsyncs and hashes its own files and leaves ``.parts/rank_{r:05d}.json``
+(its hashes, or its error); rank 0's thread waits for every part, hashes the files nobody
+claimed, removes ``.parts`` and finishes as above (manifest, fsync, COMPLETE, rename,
+``latest``, prune). The threads run no collectives (gloo collectives from two threads of a
+process would interleave); :meth:`CheckpointManager.wait` is the collective that agrees on
+the outcome, called before the next save and when training stops. DeepSpeed's own
+``DecoupledCheckpointEngine`` (deepspeed/runtime/checkpoint_engine/
+decoupled_checkpoint_engine.py) is not asynchronous for this purpose: it hands the live
+tensors to a subprocess and ``engine.step()`` blocks in its ``commit()`` until every file is
+written (the optimizer step would otherwise change the tensors being written), and its fast
+writer needs libaio.
+
 ``restore`` verifies the newest complete checkpoint against its manifest (each rank reads
 its share); a damaged one is named in one line, renamed to ``step_N.corrupt`` (never
 deleted) and the next older one is tried.
@@ -34,14 +50,18 @@ are re-sliced, the loader states merged; RNG states are per rank and start afres
 
 from __future__ import annotations
 
+import copy
 import errno
+import functools
 import json
 import logging
 import os
 import random
 import shutil
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +105,7 @@ from deepspeed.checkpoint.constants import (  # noqa: E402
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +211,99 @@ def checkpoint_bytes(ckpt: Path | None) -> int:
     return sum(int(f.get("size", 0)) for f in (manifest or {}).values())
 
 
+PARTS = ".parts"  # under the temporary directory: each rank's result of a background write
+
+
+def to_host(item: Any) -> Any:
+    """A copy of ``item`` that later training cannot change: every tensor cloned to CPU
+    (detached, same dtype), containers rebuilt, other leaves deep-copied."""
+    if torch.is_tensor(item):
+        return item.detach().to("cpu", copy=True)
+    if isinstance(item, dict):
+        return type(item)((k, to_host(v)) for k, v in item.items())
+    if isinstance(item, list):
+        return [to_host(v) for v in item]
+    if isinstance(item, tuple):
+        values = [to_host(v) for v in item]
+        return type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
+    return copy.deepcopy(item)
+
+
+class StagingEngine(CheckpointEngine):
+    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call. With
+    ``copy`` (an asynchronous save) it records each (state dict, path) DeepSpeed would
+    write, copied to host memory, to be written later by the engine it replaced (its
+    serialization settings); without, it writes through at once, as that engine would (no
+    state dict outlives its file: a synchronous save's peak memory is unchanged)."""
+
+    def __init__(self, inner: CheckpointEngine, copy: bool) -> None:
+        super().__init__()
+        self.name = "StagingEngine"
+        self.inner, self.copy = inner, copy
+        self.staged = Staged()
+
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        if self.copy:
+            self.staged.later(Path(path), functools.partial(self.inner.save,
+                                                            to_host(state_dict), path))
+        else:
+            self.inner.save(state_dict, path)
+            self.staged.done(Path(path))
+
+    def load(self, path: str, map_location=None):
+        return self.inner.load(path, map_location=map_location)
+
+    def commit(self, info) -> bool:
+        return True
+
+    def preserves_storage_sharing(self) -> bool:
+        # True makes DeepSpeed clone tensors before save() (so a view does not write its
+        # whole storage); to_host already gives each tensor its own compact storage.
+        return not self.copy and self.inner.preserves_storage_sharing()
+
+
+@dataclass
+class Staged:
+    """One rank's part of a checkpoint: the files written, and those still to write (an
+    asynchronous save's host copies, as ``(path, write)``)."""
+
+    written: list[Path] = field(default_factory=list)
+    pending: list[tuple[Path, Callable[[], None]]] = field(default_factory=list)
+    tmp: Path | None = None
+    step: int = -1
+
+    def done(self, path: Path) -> None:
+        self.written.append(path)
+
+    def later(self, path: Path, write: Callable[[], None]) -> None:
+        self.pending.append((path, write))
+
+    def write(self) -> list[str]:
+        """Write what is pending (and drop its host copy); every file's path relative to
+        ``tmp``."""
+        while self.pending:
+            path, write = self.pending.pop(0)
+            write()
+            self.written.append(path)
+        return [os.path.relpath(path, self.tmp) for path in self.written]
+
+
+class _Background:
+    """One asynchronous save in flight on this rank: the thread, its error, and (rank 0)
+    whether it may stop waiting for the other ranks' parts."""
+
+    def __init__(self, target: Callable[[], None], staged: Staged) -> None:
+        self.staged = staged
+        self.error: BaseException | None = None
+        self.parts_written = threading.Event()  # this rank's part file (or its failure)
+        self.cancel = threading.Event()  # another rank failed: rank 0 stops waiting
+        self.thread = threading.Thread(target=target, name=f"checkpoint-{staged.step}",
+                                       daemon=True)
+
+
 class CheckpointManager:
     """Saves and restores the engine, the train state and the per-rank objects of one run.
 
@@ -199,7 +313,7 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, *, rank: int,
                  world_size: int, zero_stage: int, engine, train_state: TrainState,
                  per_rank: dict[str, PerRank], run_info: Callable[[], dict[str, Any]],
-                 config_yaml: str) -> None:
+                 config_yaml: str, wait_timeout_s: float = 600.0) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.root = checkpoints_dir(run_dir)
@@ -209,6 +323,10 @@ class CheckpointManager:
         self.per_rank = per_rank
         self.run_info = run_info  # extra state.json fields (global batch, EMA updates, ...)
         self.config_yaml = config_yaml
+        # How long rank 0's background thread waits for the other ranks' parts (the
+        # process group's timeout: a collective would have waited as long).
+        self.wait_timeout_s = wait_timeout_s
+        self._pending: _Background | None = None  # the asynchronous save in flight
 
     # ------------------------------------------------------------------ restore
 
@@ -300,22 +418,41 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def _write_parts(self, tmp: Path, healthy: bool) -> None:
-        """This rank's files of the checkpoint (rank 0 also the run's state and config)."""
-        # The universal-checkpoint info lets ds_to_universal convert this checkpoint when
-        # the run resumes on a different number of ranks.
-        self.engine.save_checkpoint(
-            str(tmp), tag=DS_TAG, save_latest=False,
-            client_state={UNIVERSAL_CHECKPOINT_INFO: {
-                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
-        )
+    def _stage(self, tmp: Path, healthy: bool) -> Staged:
+        """This rank's files of the checkpoint (rank 0 also the run's state and config), ready
+        to write; copied to host memory for an asynchronous save, as is for a synchronous
+        one (written at once, so nothing is copied)."""
+        staging = StagingEngine(self.engine.checkpoint_engine, copy=self.cfg.async_save)
+        self.engine.checkpoint_engine = staging
+        try:
+            # The universal-checkpoint info lets ds_to_universal convert this checkpoint
+            # when the run resumes on a different number of ranks.
+            self.engine.save_checkpoint(
+                str(tmp), tag=DS_TAG, save_latest=False,
+                client_state={UNIVERSAL_CHECKPOINT_INFO: {
+                    UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
+            )
+        finally:
+            self.engine.checkpoint_engine = staging.inner
+        staged = staging.staged
+        staged.tmp, staged.step = tmp, self.train_state.step
+
+        def put(path: Path, write: Callable[..., None], payload: Any) -> None:
+            if self.cfg.async_save:
+                staged.later(path, functools.partial(write, to_host(payload), path))
+            else:
+                write(payload, path)
+                staged.done(path)
+
         for kind, obj in self.per_rank.items():
-            torch.save(obj.state_dict(), tmp / rank_file(kind, self.rank))
+            put(tmp / rank_file(kind, self.rank), torch.save, obj.state_dict())
         if self.rank == 0:
             state = {**asdict(self.train_state), "world_size": self.world_size,
                      "zero_stage": self.zero_stage, "healthy": healthy, **self.run_info()}
-            atomic_write(tmp / "config.yaml", self.config_yaml)
-            atomic_write(tmp / STATE, json.dumps(state, indent=1, sort_keys=True))
+            for path, text in ((tmp / "config.yaml", self.config_yaml),
+                               (tmp / STATE, json.dumps(state, indent=1, sort_keys=True))):
+                put(path, lambda text, path: atomic_write(path, text), text)
+        return staged
 
     def _abandon(self, tmp: Path, error: BaseException | None, first: str) -> None:
         """Remove a partial checkpoint (rank 0) and raise one error on every rank."""
@@ -337,7 +474,12 @@ class CheckpointManager:
 
     def save(self, healthy: bool = True) -> Path:
         """Write a checkpoint of the current step from every rank; ``healthy`` records
-        whether it passed the loop's health checks (see ``train.max_weight_norm``)."""
+        whether it passed the loop's health checks (see ``train.max_weight_norm``).
+
+        With ``checkpoint.async_save`` it returns once the checkpoint is copied to host
+        memory; the returned directory exists after :meth:`wait`. One save is in flight at
+        a time: this waits for the previous one first."""
+        self.wait()
         step = self.train_state.step
         final = self.root / step_dir_name(step)
         tmp = self.root / (TMP_PREFIX + final.name)
@@ -347,6 +489,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp)  # left by a crash during an earlier attempt
             for kind in self.per_rank:
                 (tmp / kind).mkdir(parents=True)
+            if self.cfg.async_save:
+                (tmp / PARTS).mkdir()
         dist.barrier()
         # A failed write on any rank (disk full) is agreed on by all ranks: the partial
         # directory is removed (it would keep the disk full for the restart) and every
@@ -354,11 +498,16 @@ class CheckpointManager:
         hashes: dict[str, Any] = {}
         error = None
         try:
-            self._write_parts(tmp, healthy)
+            staged = self._stage(tmp, healthy)  # written already unless async_save
         except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
             log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
             error = exc
         errors = _all_gather(None if error is None else repr(error))
+        if self.cfg.async_save and not any(errors):
+            job = _Background(lambda: self._write_in_background(job, final), staged)
+            self._pending = job
+            job.thread.start()
+            return final
         if error is None and not any(errors):
             # Every file is written: each rank fsyncs and hashes its share (one read of
             # 1/world of the bytes, mostly from the page cache), rank 0 collects them.
@@ -372,21 +521,105 @@ class CheckpointManager:
             self._abandon(tmp, error, next(e for e in errors if e))
         hashes = _all_gather(hashes)
         if self.rank == 0:
-            files = {rel: h for part in hashes for rel, h in part.items()}
-            atomic_write_json(tmp / MANIFEST, {"files": files}, durable=True)
-            # Order matters for a power loss: file contents (fsynced above), then every
-            # directory entry, then the marker, then the rename, then the parent's entry.
-            fsync_tree(tmp)
-            atomic_write(tmp / MARKER, f"{step}\n", durable=True)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            fsync_dir(self.root)
-            atomic_write(self.root / LATEST, final.name + "\n", durable=True)
-            prune(self.run_dir, self.cfg.keep_last)
-            log.info("checkpoint saved: %s", final)
+            self._commit(tmp, final, step, {rel: h for part in hashes for rel, h in part.items()})
         dist.barrier()
         return final
+
+    def _commit(self, tmp: Path, final: Path, step: int, files: dict[str, Any]) -> None:
+        """Rank 0, once every file is written, fsynced and hashed: the manifest, the marker,
+        the rename, ``latest``, pruning."""
+        atomic_write_json(tmp / MANIFEST, {"files": files}, durable=True)
+        # Order matters for a power loss: file contents (fsynced by hash_files), then every
+        # directory entry, then the marker, then the rename, then the parent's entry.
+        fsync_tree(tmp)
+        atomic_write(tmp / MARKER, f"{step}\n", durable=True)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(self.root)
+        atomic_write(self.root / LATEST, final.name + "\n", durable=True)
+        prune(self.run_dir, self.cfg.keep_last)
+        log.info("checkpoint saved: %s", final)
+
+    def _write_in_background(self, job: _Background, final: Path) -> None:
+        """The thread of an asynchronous save: write, fsync and hash this rank's files,
+        leave its part file; rank 0 then commits. No collectives here (see the module
+        docstring); errors are kept for :meth:`wait`."""
+        staged = job.staged
+        try:
+            try:
+                rels = staged.write()
+                result: dict[str, Any] = {"files": hash_files(staged.tmp, rels)}
+            except Exception as exc:  # noqa: BLE001  (raised by wait() on every rank)
+                log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
+                job.error, result = exc, {"error": repr(exc)}
+            staged.pending.clear()  # the host copy is no longer needed (after a failure)
+            atomic_write_json(staged.tmp / PARTS / f"rank_{self.rank:05d}.json", result)
+        except Exception as exc:  # noqa: BLE001
+            job.error = job.error or exc
+        finally:
+            job.parts_written.set()
+        if self.rank != 0 or job.error is not None:
+            return
+        try:
+            files = self._collect_parts(staged.tmp, job)
+            if files is not None:
+                self._commit(staged.tmp, final, staged.step, files)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("checkpoint commit failed", exc_info=True)
+            job.error = exc
+
+    def _collect_parts(self, tmp: Path, job: _Background) -> dict[str, Any] | None:
+        """Rank 0: every rank's hashes plus those of files no rank claimed (DeepSpeed copies
+        its recovery script itself); None when a rank failed (its error reaches wait())."""
+        parts = [tmp / PARTS / f"rank_{r:05d}.json" for r in range(self.world_size)]
+        deadline = time.monotonic() + self.wait_timeout_s
+        while not all(p.is_file() for p in parts):
+            if job.cancel.is_set():
+                return None
+            if time.monotonic() > deadline:
+                missing = [p.name for p in parts if not p.is_file()]
+                raise TimeoutError(f"no result from {', '.join(missing)} after "
+                                   f"{self.wait_timeout_s:g} s")
+            time.sleep(0.05)
+        files: dict[str, Any] = {}
+        for p in parts:
+            result = json.loads(p.read_text(encoding="utf-8"))
+            if "error" in result:
+                return None
+            files.update(result["files"])
+        shutil.rmtree(tmp / PARTS)  # not part of the checkpoint (nor of its manifest)
+        files.update(hash_files(tmp, [r for r in checkpoint_files(tmp) if r not in files]))
+        return files
+
+    def wait(self) -> None:
+        """Finish the asynchronous save in flight, if any (a collective): when every rank
+        wrote its part, rank 0's COMPLETE is written before this returns. A failure on any
+        rank removes the partial checkpoint and raises the same CheckpointWriteError on
+        every rank."""
+        job, self._pending = self._pending, None
+        if job is None:
+            return
+        job.parts_written.wait()
+        errors = _all_gather(None if job.error is None else repr(job.error))
+        if any(errors):
+            job.cancel.set()
+        job.thread.join()
+        if not any(errors):  # rank 0's commit
+            errors = _all_gather(None if job.error is None else repr(job.error))
+        if any(errors):
+            self._abandon(job.staged.tmp, job.error, next(e for e in errors if e))
+
+    def finish_local(self) -> None:
+        """Let this rank's asynchronous save finish without collectives, while an exception
+        unwinds (the other ranks may not reach a collective). Its checkpoint is complete if
+        every rank's part was written; an error is logged, not raised."""
+        job, self._pending = self._pending, None
+        if job is None:
+            return
+        job.thread.join()
+        if job.error is not None:
+            log.error("checkpoint %s was not completed: %r", job.staged.tmp, job.error)
 
 
 def check_same_stage(ckpt: Path, saved: dict[str, Any], zero_stage: int) -> None:

@@ -136,6 +136,11 @@ class CheckpointConfig:
     every: int = 1000  # optimizer steps between checkpoints
     keep_last: int = 3
     resume: bool = True  # continue from run_dir/checkpoints/latest when present
+    # Save in the background: save() copies this rank's checkpoint to host memory (the
+    # training stall) and a thread writes, fsyncs and hashes it while training goes on;
+    # COMPLETE still comes last. Needs a host-memory copy of this rank's checkpoint bytes
+    # (weights, master weights, optimizer moments, EMA shard) while a save is in flight.
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         require(self.every > 0, "every", f"must be > 0, got {self.every}")

@@ -228,7 +228,7 @@ class Trainer:
             cfg.checkpoint, run_dir, rank=rank, world_size=world_size,
             zero_stage=train.zero_stage, engine=self.engine, train_state=self.state,
             per_rank=self._per_rank_state(), run_info=self._run_info,
-            config_yaml=dump_yaml(cfg))
+            config_yaml=dump_yaml(cfg), wait_timeout_s=train.dist_timeout_s)
         resumed = self.checkpoints.restore()
         self._start_weights(init_source, resumed)
         self.metrics = MetricsLogger(cfg.logging, run_dir, rank, to_dict(cfg),
@@ -311,13 +311,21 @@ class Trainer:
         if self.batches is None:  # started here, so the first step's time holds no set-up
             self.batches = iter(self.loader)
         self.throughput.start()
+        finished = False
         try:
             while state.step < train.max_steps:
                 if self.step():
                     status = "preempted"
-                    log.warning("preempted: checkpoint saved at step %d", state.step)
                     break
+            # An asynchronous save may still be writing: the job ends (or is requeued)
+            # only after its COMPLETE marker.
+            self.checkpoints.wait()
+            finished = True
+            if status == "preempted":
+                log.warning("preempted: checkpoint saved at step %d", state.step)
         finally:
+            if not finished:  # an exception: no collectives, the other ranks may be gone
+                self.checkpoints.finish_local()
             self.bar.close()
             self.metrics.close()
             self.loader.close()  # stop DataLoader workers now, not at interpreter exit

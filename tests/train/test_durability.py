@@ -34,12 +34,15 @@ def _strace() -> str:
     return path
 
 
-def test_checkpoint_bytes_reach_the_disk_before_its_marker(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_bytes_reach_the_disk_before_its_marker(tmp_path, async_save):
+    """Also with checkpoint.async_save: the background thread's writes keep the order."""
     trace = tmp_path / "trace.txt"
     run_dir = tmp_path / "run"
     cmd = [_strace(), "-f", "-qq", "-y", "-e", "trace=fsync,rename,renameat,renameat2",
            "-e", "signal=none", "-o", str(trace),
-           *train_command(run_dir, ["train.max_steps=1", "checkpoint.every=1"], nproc=1)]
+           *train_command(run_dir, ["train.max_steps=1", "checkpoint.every=1",
+                                    f"checkpoint.async_save={async_save}"], nproc=1)]
     proc = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, explain(proc)
     (final,) = sorted((run_dir / "checkpoints").glob("step_*"))

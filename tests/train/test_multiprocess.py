@@ -108,14 +108,18 @@ def _wait_for(predicate, timeout, proc=None):
     return False
 
 
-@pytest.mark.parametrize("compile_mode", ["none", "blocks"])
-def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path, compile_mode):
+@pytest.mark.parametrize("compile_mode,async_save",
+                         [("none", False), ("blocks", False), ("none", True)])
+def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path, compile_mode,
+                                         async_save):
     """Also with train.compile=blocks: the resumed processes compile again, to the same
     kernels, and go on exactly as an uninterrupted compiled run (their own reference:
-    compiled and eager kernels may round differently)."""
+    compiled and eager kernels may round differently). With checkpoint.async_save the kill
+    may land while the next checkpoint is written in the background: it has no COMPLETE,
+    and the resume takes the one before (the synchronous run is the reference)."""
     run_dir = tmp_path / "run"
     overrides = ["train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=100",
-                 f"train.compile={compile_mode}"]
+                 f"train.compile={compile_mode}", f"checkpoint.async_save={async_save}"]
     reference = zero2_reference_run
     if compile_mode != "none":
         reference = tmp_path / "reference"
@@ -130,6 +134,8 @@ def test_sigkill_and_resume_is_bit_exact(zero2_reference_run, tmp_path, compile_
         proc.wait()
     killed_at = ck.find_latest(run_dir)
     assert killed_at is not None and _state(killed_at.parent.parent, 3)["step"] == 3
+    for partial in ck.checkpoints_dir(run_dir).glob(ck.TMP_PREFIX + "*"):
+        assert not (partial / ck.MARKER).exists(), f"{partial} has its marker"
     assert not ck.is_complete(_step_dir(run_dir, 8)), "killed too late to test resume"
 
     resumed = run_train(run_dir, overrides)  # the same command resumes
@@ -304,9 +310,14 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_disk_full_during_a_save_removes_the_partial_checkpoint_and_says_so(small_disk):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_disk_full_during_a_save_removes_the_partial_checkpoint_and_says_so(small_disk,
+                                                                           async_save):
+    """With checkpoint.async_save the write fails in the background threads; the error
+    reaches every rank at the next wait() (the next save or the end of training)."""
     run = small_disk / "run"
-    proc = run_train(run, ["train.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=100"])
+    proc = run_train(run, ["train.max_steps=6", "checkpoint.every=1", "checkpoint.keep_last=100",
+                           f"checkpoint.async_save={async_save}"])
     assert proc.returncode == 1, explain(proc)
     lines = [ln for ln in proc.stderr.splitlines() if "disk full at" in ln]
     assert len(lines) == 1, proc.stderr  # once, from rank 0
