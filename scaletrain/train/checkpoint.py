@@ -214,44 +214,68 @@ def checkpoint_bytes(ckpt: Path | None) -> int:
 PARTS = ".parts"  # under the temporary directory: each rank's result of a background write
 
 
-def to_host(item: Any) -> Any:
-    """A copy of ``item`` that later training cannot change: every tensor cloned to CPU
-    (detached, same dtype), containers rebuilt, other leaves deep-copied."""
+def to_host(item: Any, reuse: Any = None) -> Any:
+    """A copy of ``item`` that later training cannot change: every tensor copied to CPU
+    (detached, same dtype and shape; into pinned memory from a GPU), containers rebuilt,
+    other leaves deep-copied.
+
+    ``reuse`` is the copy an earlier save made of the same file: its tensors are refilled in
+    place where shape and dtype still match. Allocating (and page-faulting in) gigabytes of
+    fresh host memory at every save cost more than the copy itself (torchtitan's async mode
+    keeps its staging buffers for the same reason)."""
     if torch.is_tensor(item):
-        return item.detach().to("cpu", copy=True)
+        src = item.detach()
+        if not (torch.is_tensor(reuse) and reuse.shape == src.shape
+                and reuse.dtype == src.dtype):
+            reuse = torch.empty(src.shape, dtype=src.dtype, device="cpu",
+                                pin_memory=src.is_cuda)
+        # From pinned memory the device copy runs asynchronously; the caller synchronizes once.
+        return reuse.copy_(src, non_blocking=src.is_cuda)
     if isinstance(item, dict):
-        return type(item)((k, to_host(v)) for k, v in item.items())
-    if isinstance(item, list):
-        return [to_host(v) for v in item]
-    if isinstance(item, tuple):
-        values = [to_host(v) for v in item]
+        old = reuse if isinstance(reuse, dict) else {}
+        return type(item)((k, to_host(v, old.get(k))) for k, v in item.items())
+    if isinstance(item, (list, tuple)):
+        old = (reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(item)
+               else [None] * len(item))
+        values = [to_host(v, o) for v, o in zip(item, old)]
+        if isinstance(item, list):
+            return values
         return type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
     return copy.deepcopy(item)
 
 
 class StagingEngine(CheckpointEngine):
-    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call. With
-    ``copy`` (an asynchronous save) it records each (state dict, path) DeepSpeed would
-    write, copied to host memory, to be written later by the engine it replaced (its
-    serialization settings); without, it writes through at once, as that engine would (no
-    state dict outlives its file: a synchronous save's peak memory is unchanged)."""
+    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call into
+    ``tmp``. With ``host_copies`` (an asynchronous save: the copies of the previous save, by
+    file name under the checkpoint directory, refilled in place) it records each (state
+    dict, path) DeepSpeed would write, copied to host memory, to be written later by the
+    engine it replaced (its serialization settings); with None it writes through at once, as
+    that engine would (no state dict outlives its file: a synchronous save's peak memory is
+    unchanged)."""
 
-    def __init__(self, inner: CheckpointEngine, copy: bool) -> None:
+    def __init__(self, inner: CheckpointEngine, tmp: Path,
+                 host_copies: dict[str, Any] | None) -> None:
         super().__init__()
         self.name = "StagingEngine"
-        self.inner, self.copy = inner, copy
-        self.staged = Staged()
+        self.inner, self.host_copies = inner, host_copies
+        self.staged = Staged(tmp=tmp)
+
+    @property
+    def copy(self) -> bool:
+        return self.host_copies is not None
 
     def create(self, info) -> None:
         pass
 
     def save(self, state_dict, path: str) -> None:
-        if self.copy:
-            self.staged.later(Path(path), functools.partial(self.inner.save,
-                                                            to_host(state_dict), path))
-        else:
+        if self.host_copies is None:
             self.inner.save(state_dict, path)
             self.staged.done(Path(path))
+            return
+        key = os.path.relpath(path, self.staged.tmp)
+        self.host_copies[key] = to_host(state_dict, self.host_copies.get(key))
+        self.staged.later(Path(path), functools.partial(self.inner.save,
+                                                        self.host_copies[key], path))
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location=map_location)
@@ -282,8 +306,7 @@ class Staged:
         self.pending.append((path, write))
 
     def write(self) -> list[str]:
-        """Write what is pending (and drop its host copy); every file's path relative to
-        ``tmp``."""
+        """Write what is pending; every file's path relative to ``tmp``."""
         while self.pending:
             path, write = self.pending.pop(0)
             write()
@@ -327,6 +350,9 @@ class CheckpointManager:
         # process group's timeout: a collective would have waited as long).
         self.wait_timeout_s = wait_timeout_s
         self._pending: _Background | None = None  # the asynchronous save in flight
+        # async_save: this rank's host copy of its checkpoint files, kept and refilled in
+        # place by every save (by file name under the checkpoint directory).
+        self._host_copies: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ restore
 
@@ -422,7 +448,8 @@ class CheckpointManager:
         """This rank's files of the checkpoint (rank 0 also the run's state and config), ready
         to write; copied to host memory for an asynchronous save, as is for a synchronous
         one (written at once, so nothing is copied)."""
-        staging = StagingEngine(self.engine.checkpoint_engine, copy=self.cfg.async_save)
+        copies = self._host_copies if self.cfg.async_save else None
+        staging = StagingEngine(self.engine.checkpoint_engine, tmp, copies)
         self.engine.checkpoint_engine = staging
         try:
             # The universal-checkpoint info lets ds_to_universal convert this checkpoint
@@ -435,14 +462,16 @@ class CheckpointManager:
         finally:
             self.engine.checkpoint_engine = staging.inner
         staged = staging.staged
-        staged.tmp, staged.step = tmp, self.train_state.step
+        staged.step = self.train_state.step
 
         def put(path: Path, write: Callable[..., None], payload: Any) -> None:
-            if self.cfg.async_save:
-                staged.later(path, functools.partial(write, to_host(payload), path))
-            else:
+            if copies is None:
                 write(payload, path)
                 staged.done(path)
+                return
+            key = os.path.relpath(path, tmp)
+            copies[key] = to_host(payload, copies.get(key))
+            staged.later(path, functools.partial(write, copies[key], path))
 
         for kind, obj in self.per_rank.items():
             put(tmp / rank_file(kind, self.rank), torch.save, obj.state_dict())
@@ -452,6 +481,8 @@ class CheckpointManager:
             for path, text in ((tmp / "config.yaml", self.config_yaml),
                                (tmp / STATE, json.dumps(state, indent=1, sort_keys=True))):
                 put(path, lambda text, path: atomic_write(path, text), text)
+        if copies is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the device-to-pinned-host copies have landed
         return staged
 
     def _abandon(self, tmp: Path, error: BaseException | None, first: str) -> None:
@@ -553,7 +584,7 @@ class CheckpointManager:
             except Exception as exc:  # noqa: BLE001  (raised by wait() on every rank)
                 log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
                 job.error, result = exc, {"error": repr(exc)}
-            staged.pending.clear()  # the host copy is no longer needed (after a failure)
+            staged.pending.clear()
             atomic_write_json(staged.tmp / PARTS / f"rank_{self.rank:05d}.json", result)
         except Exception as exc:  # noqa: BLE001
             job.error = job.error or exc

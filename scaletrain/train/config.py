@@ -138,8 +138,10 @@ class CheckpointConfig:
     resume: bool = True  # continue from run_dir/checkpoints/latest when present
     # Save in the background: save() copies this rank's checkpoint to host memory (the
     # training stall) and a thread writes, fsyncs and hashes it while training goes on;
-    # COMPLETE still comes last. Needs a host-memory copy of this rank's checkpoint bytes
-    # (weights, master weights, optimizer moments, EMA shard) while a save is in flight.
+    # COMPLETE still comes last. Keeps a host-memory copy of this rank's checkpoint bytes
+    # (weights, master weights, optimizer moments, EMA shard) from the first save on,
+    # refilled in place by each save (allocating it anew every time stalled as long as a
+    # synchronous save).
     async_save: bool = False
 
     def __post_init__(self) -> None:

@@ -73,7 +73,7 @@ def _in_flight_worker(rank: int, run_dir: str, port: int) -> None:
 
     # 1. The staging engine's records are copies: a later step leaves them as they were.
     module0, master0 = snapshot()
-    staging = StagingEngine(engine.checkpoint_engine, copy=True)
+    staging = StagingEngine(engine.checkpoint_engine, tmp, host_copies={})
     engine.checkpoint_engine = staging
     try:
         engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
@@ -132,8 +132,33 @@ def _in_flight_worker(rank: int, run_dir: str, port: int) -> None:
     assert saved_ema["updates"] == ema_at_save["updates"] < ema.updates
     for a, b in zip(saved_ema["tensors"], ema_at_save["tensors"], strict=True):
         assert torch.equal(a, b), "EMA shard is not the save step's"
+
+    # 3. The next save refills the same host buffers in place (no new allocation of the
+    # checkpoint's size) with the state of its own step.
+    buffers = {k: [t.data_ptr() for t in _tensors(v)] for k, v in manager._host_copies.items()}
+    assert any(k.endswith("optim_states.pt") for k in buffers) and ck.rank_file("ema", rank) in buffers
+    _, master_now = snapshot()
+    final = manager.save()
+    manager.wait()
+    assert {k: [t.data_ptr() for t in _tensors(v)]
+            for k, v in manager._host_copies.items()} == buffers
+    optim = torch.load(next((final / "ds").glob(f"*pp_rank_{rank}_*optim_states.pt")),
+                       weights_only=False)["optimizer_state_dict"]
+    assert all(torch.equal(a, b) for a, b in
+               zip(optim["single_partition_of_fp32_groups"], master_now))
+    assert not all(torch.equal(a, b) for a, b in zip(master_now, master_at_save))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _tensors(item) -> list[torch.Tensor]:
+    if torch.is_tensor(item):
+        return [item]
+    if isinstance(item, dict):
+        item = list(item.values())
+    if isinstance(item, (list, tuple)):
+        return [t for v in item for t in _tensors(v)]
+    return []
 
 
 def test_a_save_in_flight_holds_the_save_steps_state(tmp_path):
