@@ -245,37 +245,22 @@ def to_host(item: Any, reuse: Any = None) -> Any:
 
 
 class StagingEngine(CheckpointEngine):
-    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call into
-    ``tmp``. With ``host_copies`` (an asynchronous save: the copies of the previous save, by
-    file name under the checkpoint directory, refilled in place) it records each (state
-    dict, path) DeepSpeed would write, copied to host memory, to be written later by the
-    engine it replaced (its serialization settings); with None it writes through at once, as
-    that engine would (no state dict outlives its file: a synchronous save's peak memory is
-    unchanged)."""
+    """Installed as ``engine.checkpoint_engine`` for one ``save_checkpoint`` call: hands
+    each (state dict, path) DeepSpeed would write to ``staged``, which writes it at once
+    through the engine it replaced or keeps a host copy to write later (see
+    :meth:`Staged.put`)."""
 
-    def __init__(self, inner: CheckpointEngine, tmp: Path,
-                 host_copies: dict[str, Any] | None) -> None:
+    def __init__(self, inner: CheckpointEngine, staged: Staged) -> None:
         super().__init__()
         self.name = "StagingEngine"
-        self.inner, self.host_copies = inner, host_copies
-        self.staged = Staged(tmp=tmp)
-
-    @property
-    def copy(self) -> bool:
-        return self.host_copies is not None
+        self.inner, self.staged = inner, staged
 
     def create(self, info) -> None:
         pass
 
     def save(self, state_dict, path: str) -> None:
-        if self.host_copies is None:
-            self.inner.save(state_dict, path)
-            self.staged.done(Path(path))
-            return
-        key = os.path.relpath(path, self.staged.tmp)
-        self.host_copies[key] = to_host(state_dict, self.host_copies.get(key))
-        self.staged.later(Path(path), functools.partial(self.inner.save,
-                                                        self.host_copies[key], path))
+        # Written later by the engine replaced here: its serialization settings hold.
+        self.staged.put(Path(path), self.inner.save, state_dict)
 
     def load(self, path: str, map_location=None):
         return self.inner.load(path, map_location=map_location)
@@ -286,24 +271,34 @@ class StagingEngine(CheckpointEngine):
     def preserves_storage_sharing(self) -> bool:
         # True makes DeepSpeed clone tensors before save() (so a view does not write its
         # whole storage); to_host already gives each tensor its own compact storage.
-        return not self.copy and self.inner.preserves_storage_sharing()
+        return self.staged.host_copies is None and self.inner.preserves_storage_sharing()
 
 
 @dataclass
 class Staged:
-    """One rank's part of a checkpoint: the files written, and those still to write (an
-    asynchronous save's host copies, as ``(path, write)``)."""
+    """One rank's part of a checkpoint in ``tmp``: the files written, and those still to
+    write (an asynchronous save's host copies, as ``(path, write)``).
 
+    ``host_copies`` is None for a synchronous save: every file is written at once (no state
+    dict outlives its file, so the save's peak memory is what writing it needs). For an
+    asynchronous one it holds the copies of the previous save by file name under the
+    checkpoint directory, refilled in place (:func:`to_host`)."""
+
+    tmp: Path
+    step: int
+    host_copies: dict[str, Any] | None
     written: list[Path] = field(default_factory=list)
     pending: list[tuple[Path, Callable[[], None]]] = field(default_factory=list)
-    tmp: Path | None = None
-    step: int = -1
 
-    def done(self, path: Path) -> None:
-        self.written.append(path)
-
-    def later(self, path: Path, write: Callable[[], None]) -> None:
-        self.pending.append((path, write))
+    def put(self, path: Path, write: Callable[[Any, Path], None], payload: Any) -> None:
+        """``write(payload, path)`` now, or later from a host copy of ``payload``."""
+        if self.host_copies is None:
+            write(payload, path)
+            self.written.append(path)
+            return
+        key = os.path.relpath(path, self.tmp)
+        self.host_copies[key] = to_host(payload, self.host_copies.get(key))
+        self.pending.append((path, functools.partial(write, self.host_copies[key], path)))
 
     def write(self) -> list[str]:
         """Write what is pending; every file's path relative to ``tmp``."""
@@ -448,8 +443,9 @@ class CheckpointManager:
         """This rank's files of the checkpoint (rank 0 also the run's state and config), ready
         to write; copied to host memory for an asynchronous save, as is for a synchronous
         one (written at once, so nothing is copied)."""
-        copies = self._host_copies if self.cfg.async_save else None
-        staging = StagingEngine(self.engine.checkpoint_engine, tmp, copies)
+        staged = Staged(tmp, self.train_state.step,
+                        self._host_copies if self.cfg.async_save else None)
+        staging = StagingEngine(self.engine.checkpoint_engine, staged)
         self.engine.checkpoint_engine = staging
         try:
             # The universal-checkpoint info lets ds_to_universal convert this checkpoint
@@ -461,27 +457,15 @@ class CheckpointManager:
             )
         finally:
             self.engine.checkpoint_engine = staging.inner
-        staged = staging.staged
-        staged.step = self.train_state.step
-
-        def put(path: Path, write: Callable[..., None], payload: Any) -> None:
-            if copies is None:
-                write(payload, path)
-                staged.done(path)
-                return
-            key = os.path.relpath(path, tmp)
-            copies[key] = to_host(payload, copies.get(key))
-            staged.later(path, functools.partial(write, copies[key], path))
-
         for kind, obj in self.per_rank.items():
-            put(tmp / rank_file(kind, self.rank), torch.save, obj.state_dict())
+            staged.put(tmp / rank_file(kind, self.rank), torch.save, obj.state_dict())
         if self.rank == 0:
             state = {**asdict(self.train_state), "world_size": self.world_size,
                      "zero_stage": self.zero_stage, "healthy": healthy, **self.run_info()}
             for path, text in ((tmp / "config.yaml", self.config_yaml),
                                (tmp / STATE, json.dumps(state, indent=1, sort_keys=True))):
-                put(path, lambda text, path: atomic_write(path, text), text)
-        if copies is not None and torch.cuda.is_available():
+                staged.put(path, lambda text, path: atomic_write(path, text), text)
+        if staged.host_copies is not None and torch.cuda.is_available():
             torch.cuda.synchronize()  # the device-to-pinned-host copies have landed
         return staged
 
@@ -584,7 +568,6 @@ class CheckpointManager:
             except Exception as exc:  # noqa: BLE001  (raised by wait() on every rank)
                 log.debug("checkpoint write failed on rank %d", self.rank, exc_info=True)
                 job.error, result = exc, {"error": repr(exc)}
-            staged.pending.clear()
             atomic_write_json(staged.tmp / PARTS / f"rank_{self.rank:05d}.json", result)
         except Exception as exc:  # noqa: BLE001
             job.error = job.error or exc

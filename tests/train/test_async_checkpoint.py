@@ -39,6 +39,7 @@ def _in_flight_worker(rank: int, run_dir: str, port: int) -> None:
         PARTS,
         CheckpointManager,
         PerRank,
+        Staged,
         StagingEngine,
         TrainState,
     )
@@ -73,7 +74,8 @@ def _in_flight_worker(rank: int, run_dir: str, port: int) -> None:
 
     # 1. The staging engine's records are copies: a later step leaves them as they were.
     module0, master0 = snapshot()
-    staging = StagingEngine(engine.checkpoint_engine, tmp, host_copies={})
+    staging = StagingEngine(engine.checkpoint_engine,
+                            Staged(tmp, state.step, host_copies={}))
     engine.checkpoint_engine = staging
     try:
         engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
